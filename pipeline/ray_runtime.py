@@ -1,0 +1,31 @@
+"""One way to get a Ray runtime: join the configured cluster, or start a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; idempotent.
+
+    ``num_cpus`` only applies to a local Ray started here.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting a local Ray runtime")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def cluster_node_count() -> int:
+    """Alive nodes in the connected cluster (1 for a local Ray)."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
