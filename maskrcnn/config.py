@@ -106,13 +106,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
-            raise ValueError(f"num_classes counts the background and must be >= 2, got {self.num_classes}")
+            raise ValueError(
+                f"num_classes counts the background and must be >= 2, got {self.num_classes}"
+            )
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.canvas <= 0 or self.canvas % 64:
-            raise ValueError(f"canvas must be a positive multiple of 64 (P6 has stride 64), got {self.canvas}")
+            raise ValueError(
+                f"canvas must be a positive multiple of 64 (P6 has stride 64), got {self.canvas}"
+            )
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ValueError("trainable_backbone_layers must be in 0..5")
 

@@ -11,16 +11,15 @@ loss uses, fresh on every call.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_area
+from torchvision.ops import box_area, box_iou
 
+from .anchors import STRIDES, AnchorGrid
 from .config import RPNConfig
-
-# Above this many IoU entries, the matrix is built one chunk of anchors at a time.
-_CHUNK_ELEMENTS = 1 << 22
 
 
 class RPNTargets(NamedTuple):
@@ -52,64 +51,129 @@ def encode_deltas(gt: Tensor, anchors: Tensor) -> Tensor:
     return torch.stack([(gx - ax) / aw, (gy - ay) / ah, torch.log(gw / aw), torch.log(gh / ah)], 1)
 
 
-def _pairwise_inter(boxes: Tensor, anchors: Tensor) -> Tensor:
-    lt = torch.max(boxes[:, None, :2], anchors[None, :, :2])
-    rb = torch.min(boxes[:, None, 2:], anchors[None, :, 2:])
-    wh = (rb - lt).clamp_(min=0)
-    return wh[..., 0] * wh[..., 1]
+def _pair_iou(boxes: Tensor, box_area_: Tensor, anchors: Tensor, anchor_area: Tensor) -> Tensor:
+    """IoU of matched rows, with the same operations (and rounding) as torchvision's box_iou."""
+    lt = torch.max(boxes[..., :2], anchors[..., :2])
+    rb = torch.min(boxes[..., 2:], anchors[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (box_area_ + anchor_area - inter)
 
 
-def _max_iou(boxes: Tensor, anchors: Tensor, anchor_area: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per anchor: best IoU and its box (first on ties, as ``Tensor.max``); per box: best IoU."""
-    box_area_ = box_area(boxes)
-    n, a = len(boxes), len(anchors)
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    best_val = torch.empty(a)
-    best_idx = torch.empty(a, dtype=torch.int64)
-    best_per_box = torch.zeros(n)
-    for start in range(0, a, step):
-        sl = slice(start, start + step)
-        inter = _pairwise_inter(boxes, anchors[sl])
-        iou = inter / (box_area_[:, None] + anchor_area[None, sl] - inter)
-        best_val[sl], best_idx[sl] = iou.max(dim=0)
-        best_per_box = torch.maximum(best_per_box, iou.max(dim=1).values)
-    return best_val, best_idx, best_per_box
+def _level_windows(grid: AnchorGrid, box: Tensor, box_area_: float, floor: float) -> list[Tensor]:
+    """Per level, the anchors that can overlap ``box``, skipping levels that cannot matter.
+
+    IoU is at most min(a, b) / max(a, b) for areas a, b. A level whose best such bound is below
+    ``min(floor, best IoU found so far)`` cannot hold a positive, an ignored anchor or the box's
+    best anchor, so it is skipped; levels are visited best bound first. Every skipped anchor is
+    negative for this box, as the dense matcher would find.
+    """
+    bounds = []
+    for cells in grid.cell_anchors:
+        areas = (cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1])
+        ratio = torch.minimum(areas, torch.tensor(box_area_)) / torch.maximum(
+            areas, torch.tensor(box_area_)
+        )
+        bounds.append(float(ratio.max()))
+    x1, y1, x2, y2 = box.tolist()
+    windows, best = [], 0.0
+    for level in sorted(range(len(bounds)), key=lambda i: -bounds[i]):
+        if bounds[level] < min(floor, best):
+            break
+        idx = _window(grid, level, x1, y1, x2, y2)
+        if len(idx):
+            a = grid.anchors[idx]
+            iou = _pair_iou(box, box_area_, a, box_area(a))
+            best = max(best, float(iou.max()))
+        windows.append(idx)
+    return windows
 
 
-def _low_quality_anchors(
-    boxes: Tensor, anchors: Tensor, anchor_area: Tensor, best_per_box: Tensor
-) -> Tensor:
-    """Anchors whose IoU with some box equals that box's best IoU (torchvision's rule)."""
-    box_area_ = box_area(boxes)
-    n, a = len(boxes), len(anchors)
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    hits = torch.zeros(a, dtype=torch.bool)
-    for start in range(0, a, step):
-        sl = slice(start, start + step)
-        inter = _pairwise_inter(boxes, anchors[sl])
-        iou = inter / (box_area_[:, None] + anchor_area[None, sl] - inter)
-        hits[sl] = (iou == best_per_box[:, None]).any(dim=0)
-    return hits
+def _window(grid: AnchorGrid, level: int, x1: float, y1: float, x2: float, y2: float) -> Tensor:
+    """Anchor indices of the cells of ``level`` whose anchors can intersect the box."""
+    cells = grid.cell_anchors[level]
+    stride = STRIDES[level]
+    n = grid.canvas // stride
+    lo_x = max(0, math.floor((x1 - float(cells[:, 2].max())) / stride))
+    hi_x = min(n - 1, math.ceil((x2 - float(cells[:, 0].min())) / stride))
+    lo_y = max(0, math.floor((y1 - float(cells[:, 3].max())) / stride))
+    hi_y = min(n - 1, math.ceil((y2 - float(cells[:, 1].min())) / stride))
+    if lo_x > hi_x or lo_y > hi_y:
+        return torch.empty(0, dtype=torch.int64)
+    cols = torch.arange(lo_x, hi_x + 1)
+    rows = torch.arange(lo_y, hi_y + 1)
+    k = len(cells)
+    cell_idx = (rows[:, None] * n + cols[None, :]).reshape(-1)
+    return grid.level_offsets[level] + (cell_idx[:, None] * k + torch.arange(k)).reshape(-1)
 
 
-def _crowd_covered(crowd: Tensor, anchors: Tensor, anchor_area: Tensor, thresh: float) -> Tensor:
-    covered = torch.zeros(len(anchors), dtype=torch.bool)
-    step = max(1, _CHUNK_ELEMENTS // max(len(crowd), 1))
-    for start in range(0, len(anchors), step):
-        sl = slice(start, start + step)
-        ioa = _pairwise_inter(crowd, anchors[sl]) / anchor_area[None, sl]
-        covered[sl] = (ioa >= thresh).any(dim=0)
-    return covered
+def _near_anchors(grid: AnchorGrid, box: Tensor) -> Tensor:
+    """Every anchor, on every level, that can intersect ``box``."""
+    x1, y1, x2, y2 = box.tolist()
+    return torch.cat([_window(grid, level, x1, y1, x2, y2) for level in range(len(STRIDES))])
+
+
+def _match(grid: AnchorGrid, gt: Tensor, config: RPNConfig) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Sparse matching: (positive mask, ignored mask, matched box per positive), or None.
+
+    None means some box overlaps no anchor at all, where torchvision's low-quality rule turns
+    every zero-IoU anchor positive; the dense matcher reproduces that quirk.
+    """
+    num = grid.num_anchors
+    areas = box_area(gt)
+    pair_box, pair_anchor = [], []
+    for i, box in enumerate(gt):
+        idx = torch.cat(_level_windows(grid, box, float(areas[i]), config.bg_iou_thresh))
+        pair_box.append(torch.full((len(idx),), i, dtype=torch.int64))
+        pair_anchor.append(idx)
+    box_idx, anchor_idx = torch.cat(pair_box), torch.cat(pair_anchor)
+    a = grid.anchors[anchor_idx]
+    iou = _pair_iou(gt[box_idx], areas[box_idx], a, box_area(a))
+    best_per_box = torch.zeros(len(gt)).scatter_reduce(0, box_idx, iou, reduce="amax")
+    if (best_per_box <= 0).any():
+        return None
+    best_per_anchor = torch.zeros(num).scatter_reduce(0, anchor_idx, iou, reduce="amax")
+    positive = best_per_anchor >= config.fg_iou_thresh
+    positive[anchor_idx[iou == best_per_box[box_idx]]] = True
+    ignored = (best_per_anchor >= config.bg_iou_thresh) & ~positive
+    pos_idx = positive.nonzero().squeeze(1)
+    # The argmax box of each positive over all boxes (first on ties, as torchvision's max).
+    matched = box_iou(gt, grid.anchors[pos_idx]).max(dim=0).indices
+    return positive, ignored, gt[matched]
+
+
+def _match_dense(anchors: Tensor, gt: Tensor, config: RPNConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference matcher over the full IoU matrix (torchvision's Matcher, step by step)."""
+    iou = box_iou(gt, anchors)
+    best_val, best_idx = iou.max(dim=0)
+    positive = best_val >= config.fg_iou_thresh
+    positive |= (iou == iou.max(dim=1).values[:, None]).any(dim=0)
+    ignored = (best_val >= config.bg_iou_thresh) & ~positive
+    return positive, ignored, gt[best_idx[positive]]
+
+
+def _crowd_covered(crowd: Tensor, anchors: Tensor, thresh: float) -> Tensor:
+    lt = torch.max(crowd[:, None, :2], anchors[None, :, :2])
+    rb = torch.min(crowd[:, None, 2:], anchors[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    ioa = wh[..., 0] * wh[..., 1] / box_area(anchors)[None]
+    return (ioa >= thresh).any(dim=0)
 
 
 @torch.no_grad()
 def build_rpn_targets(
-    anchors: Tensor, boxes: Tensor, iscrowd: Tensor | None = None, config: RPNConfig | None = None
+    grid: AnchorGrid,
+    boxes: Tensor,
+    iscrowd: Tensor | None = None,
+    config: RPNConfig | None = None,
+    *,
+    dense: bool = False,
 ) -> RPNTargets:
-    """Match an image's boxes (canvas pixels) to the canvas anchors.
+    """Match an image's boxes (canvas pixels) to the canvas anchors of ``grid``.
 
-    ``anchors`` is ``canvas_anchors(...)``; ``boxes`` is ``[N, 4]`` x1, y1, x2, y2 with positive
-    width and height; ``iscrowd`` is ``[N]`` bool (all False when omitted).
+    ``boxes`` is ``[N, 4]`` x1, y1, x2, y2; ``iscrowd`` is ``[N]`` bool (all False when omitted).
+    Only anchors near each box are examined, so the cost follows the boxes, not the ~262k
+    anchors of a 1024 canvas; ``dense=True`` uses the full IoU matrix (the reference).
     """
     config = config or RPNConfig()
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
@@ -120,27 +184,22 @@ def build_rpn_targets(
     )
     if len(crowd_mask) != len(boxes):
         raise ValueError(f"iscrowd has {len(crowd_mask)} entries for {len(boxes)} boxes")
-    anchors = anchors.float()
-    anchor_area = box_area(anchors)
     gt, crowd = boxes[~crowd_mask], boxes[crowd_mask]
 
-    positive = torch.zeros(len(anchors), dtype=torch.bool)
-    ignored = torch.zeros(len(anchors), dtype=torch.bool)
-    deltas = torch.zeros(0, 4)
+    positive = torch.zeros(grid.num_anchors, dtype=torch.bool)
+    ignored = torch.zeros(grid.num_anchors, dtype=torch.bool)
+    matched = torch.zeros(0, 4)
     if len(gt):
-        best_val, best_idx, best_per_box = _max_iou(gt, anchors, anchor_area)
-        positive = best_val >= config.fg_iou_thresh
-        positive |= _low_quality_anchors(gt, anchors, anchor_area, best_per_box)
-        ignored = (best_val >= config.bg_iou_thresh) & ~positive
-        pos_idx = positive.nonzero().squeeze(1)
-        deltas = encode_deltas(gt[best_idx[pos_idx]], anchors[pos_idx])
+        result = None if dense else _match(grid, gt, config)
+        positive, ignored, matched = result or _match_dense(grid.anchors, gt, config)
+    pos_idx = positive.nonzero().squeeze(1)
+    deltas = encode_deltas(matched, grid.anchors[pos_idx]) if len(gt) else torch.zeros(0, 4)
     if len(crowd):
-        ignored |= _crowd_covered(crowd, anchors, anchor_area, config.crowd_ioa_thresh) & ~positive
-    return RPNTargets(
-        pos=positive.nonzero().squeeze(1),
-        pos_deltas=deltas.float(),
-        ignore=ignored.nonzero().squeeze(1),
-    )
+        near = torch.cat([_near_anchors(grid, c) for c in crowd]).unique()
+        covered = torch.zeros(grid.num_anchors, dtype=torch.bool)
+        covered[near] = _crowd_covered(crowd, grid.anchors[near], config.crowd_ioa_thresh)
+        ignored |= covered & ~positive
+    return RPNTargets(pos=pos_idx, pos_deltas=deltas.float(), ignore=ignored.nonzero().squeeze(1))
 
 
 def sample_rpn_targets(
@@ -181,7 +240,7 @@ def sample_rpn_targets(
 
 
 def _choose(n: int, k: int, generator: torch.Generator | None) -> Tensor:
-    """``k`` distinct indices below ``n``, uniformly; cheap when ``k`` is much smaller than ``n``."""
+    """``k`` distinct indices below ``n``, uniformly; cheap when ``k`` is much below ``n``."""
     if k >= n // 4:
         return torch.randperm(n, generator=generator)[:k]
     chosen = torch.empty(0, dtype=torch.int64)
