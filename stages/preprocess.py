@@ -1,0 +1,41 @@
+"""Stage preprocess: COCO-format splits -> Parquet shards with precomputed RPN targets."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pipeline.params import load_params, model_config, setup_logging
+from pipeline.preprocess import preprocess_split
+from pipeline.ray_runtime import ensure_ray
+
+log = logging.getLogger("stages.preprocess")
+
+SPLITS = ("train", "val")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    # Matching depends on the anchors and RPN thresholds only, not on the class count.
+    config = model_config(params, num_classes=2)
+    ensure_ray(params.ray_address)
+    shards_dir = params.data_path("shards_dir")
+    for split in SPLITS:
+        manifest = preprocess_split(
+            annotation_file=params.data_path(f"{split}_annotations"),
+            images_dir=params.data_path(f"{split}_images"),
+            out_dir=f"{shards_dir}/{split}",
+            model_config=config,
+            ray_address=params.ray_address,
+            **params.section("preprocess"),
+        )
+        counts = manifest["counts"]
+        log.info("%s: %s", split, {k: v for k, v in counts.items() if k != "skipped"})
+
+
+if __name__ == "__main__":
+    main()
