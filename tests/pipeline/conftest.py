@@ -78,14 +78,33 @@ def make_tiny_coco(root: Path) -> TinyCoco:
             {"id": 3, "file_name": "three.png", "height": 32, "width": 32},
         ],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [4, 4, 36, 32],
-             "segmentation": [triangle], "area": 600.0},
-            {"id": 2, "image_id": 1, "category_id": 10, "iscrowd": 0, "bbox": [44, 20, 16, 20],
-             "segmentation": {"size": [48, 64], "counts": encode_rle(blob).decode()},
-             "area": float(blob.sum())},
-            {"id": 3, "image_id": 2, "category_id": 3, "iscrowd": 1, "bbox": [3, 5, 25, 25],
-             "segmentation": {"size": [40, 32], "counts": _uncompressed(crowd)},
-             "area": float(crowd.sum())},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 0,
+                "bbox": [4, 4, 36, 32],
+                "segmentation": [triangle],
+                "area": 600.0,
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 10,
+                "iscrowd": 0,
+                "bbox": [44, 20, 16, 20],
+                "segmentation": {"size": [48, 64], "counts": encode_rle(blob).decode()},
+                "area": float(blob.sum()),
+            },
+            {
+                "id": 3,
+                "image_id": 2,
+                "category_id": 3,
+                "iscrowd": 1,
+                "bbox": [3, 5, 25, 25],
+                "segmentation": {"size": [40, 32], "counts": _uncompressed(crowd)},
+                "area": float(crowd.sum()),
+            },
         ],
         "categories": copy.deepcopy(TINY_CATEGORIES),
     }
@@ -130,7 +149,13 @@ def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     """A small synthetic dataset (16 train, 4 val images of 64-128 px) and its summary."""
     out_dir = tmp_path_factory.mktemp("shapes")
     summary = write_shapes_dataset(
-        out_dir, n_train=16, n_val=4, seed=3, min_side=64, max_side=128,
-        empty_fraction=0.2, crowd_fraction=0.3,
+        out_dir,
+        n_train=16,
+        n_val=4,
+        seed=3,
+        min_side=64,
+        max_side=128,
+        empty_fraction=0.2,
+        crowd_fraction=0.3,
     )
     return out_dir, summary

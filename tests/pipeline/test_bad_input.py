@@ -175,8 +175,10 @@ def test_duplicate_image_ids_are_an_error(tiny_coco):
     assert error.value.file == str(ds.annotation_file)
 
 
-@pytest.mark.parametrize("file_name", ["../outside.png", "sub/../../x.png", "/etc/passwd",
-                                       "C:\\images\\one.png", "..\\one.png"])
+@pytest.mark.parametrize(
+    "file_name",
+    ["../outside.png", "sub/../../x.png", "/etc/passwd", "C:\\images\\one.png", "..\\one.png"],
+)
 def test_file_name_escaping_the_images_dir_is_refused(tiny_coco, file_name):
     ds = tiny_coco()
     ds.image(1)["file_name"] = file_name
@@ -206,8 +208,10 @@ def test_malformed_annotation_file_names_line_and_column(tiny_coco):
 
 @pytest.mark.parametrize(
     "content, match",
-    [("[1, 2]", "top level: expected a JSON object"),
-     ('{"images": [], "annotations": []}', "categories: 'categories' is missing")],
+    [
+        ("[1, 2]", "top level: expected a JSON object"),
+        ('{"images": [], "annotations": []}', "categories: 'categories' is missing"),
+    ],
 )
 def test_annotation_file_of_the_wrong_shape(tiny_coco, content, match):
     ds = tiny_coco()

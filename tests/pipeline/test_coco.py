@@ -82,10 +82,12 @@ def test_masks_and_boxes_at_another_scale(tiny_coco, scale):
     scaled = instance_masks(record, scale=scale)
     height, width = resized_size(record.height, record.width, scale)
     assert scaled.shape == (2, height, width)
-    back = np.stack([
-        np.asarray(Image.fromarray(m * 255).resize((64, 48), Image.Resampling.BILINEAR)) >= 128
-        for m in scaled
-    ])
+    back = np.stack(
+        [
+            np.asarray(Image.fromarray(m * 255).resize((64, 48), Image.Resampling.BILINEAR)) >= 128
+            for m in scaled
+        ]
+    )
     for original, restored in zip(full.astype(bool), back, strict=True):
         assert _iou(original, restored) > (0.95 if scale >= 1 else 0.85)
     boxes = instance_boxes(record, scale=scale)
@@ -170,8 +172,9 @@ def test_polygon_clipping_is_exact():
     square = np.array([[-10, -10], [10, -10], [10, 10], [-10, 10]], np.float64)
     clipped = clip_to_rectangle(square, 32, 32)
     assert polygon_area(clipped) == pytest.approx(100.0)
-    star = np.array([[16, -8], [20, 12], [40, 16], [20, 20], [16, 40], [12, 20], [-8, 16],
-                     [12, 12]], np.float64)
+    star = np.array(
+        [[16, -8], [20, 12], [40, 16], [20, 20], [16, 40], [12, 20], [-8, 16], [12, 12]], np.float64
+    )
     clipped = clip_to_rectangle(star, 32, 32)
     inside = rasterize_polygons([clipped.ravel().tolist()], 32, 32)
     whole = rasterize_polygons([star.ravel().tolist()], 32, 32)

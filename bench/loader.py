@@ -1,0 +1,252 @@
+"""Loader throughput: batches from the Parquet shards vs a torchvision-style loader over COCO files.
+
+Both produce what the model's training step consumes, in one process, same batch size, one
+pass each after one warm-up batch:
+
+- shards: ``pipeline.loader.iter_batches`` (decode the stored JPEG, paste on the canvas, decode
+  RLE masks, flip with p=0.5, draw the 256-anchor RPN sample from the stored targets);
+- torchvision-style (as torchvision's detection references + ``GeneralizedRCNNTransform``):
+  decode the original file, polygons/RLE -> masks at the original size with pycocotools,
+  resize image (bilinear) and masks (nearest) to the canvas, scale boxes, pad, build targets.
+  The online RPN matching torchvision then does in every step is not counted here.
+
+Also, optionally, the shards through Ray Data (``iter_torch_batches`` + the collate function),
+and the loader's peak RSS for N and 10N images (each in a fresh process). Prints JSON.
+
+    .venv/bin/python bench/loader.py --images 64 --canvas 512 --batch-size 4 --ray --memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools.coco import COCO
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maskrcnn.config import ModelConfig  # noqa: E402
+from pipeline.loader import iter_batches, make_collate_fn, ray_dataset  # noqa: E402
+from pipeline.preprocess import preprocess_split  # noqa: E402
+from pipeline.shapes import write_shapes_dataset  # noqa: E402
+
+
+def build_data(root: Path, *, images: int, canvas: int, min_side: int, max_side: int) -> dict:
+    """A synthetic COCO split and its shards (preprocessed on a local Ray)."""
+    import ray
+
+    write_shapes_dataset(
+        root, n_train=images, n_val=1, seed=0, min_side=min_side, max_side=max_side
+    )
+    source = {
+        "annotation_file": root / "annotations" / "instances_train.json",
+        "images_dir": root / "images" / "train",
+    }
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        preprocess_split(
+            **source,
+            out_dir=root / "shards" / "train",
+            model_config=ModelConfig(num_classes=6, canvas=canvas),
+            rows_per_shard=32,
+            progress=False,
+        )
+    finally:
+        ray.shutdown()
+    return {**source, "shards": root / "shards" / "train"}
+
+
+def torchvision_style_batches(annotation_file: Path, images_dir: Path, *, canvas: int, batch: int):
+    """Decode, mask, flip and resize from the COCO files, as torchvision's references do."""
+    coco = COCO(str(annotation_file))
+    labels = {cid: i + 1 for i, cid in enumerate(sorted(coco.getCatIds()))}
+    ids = sorted(coco.getImgIds())
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, len(ids), batch):
+        chunk = ids[start : start + batch]
+        images = torch.zeros((len(chunk), 3, canvas, canvas))
+        targets = []
+        for i, image_id in enumerate(chunk):
+            flip = float(torch.rand((), generator=generator)) < 0.5
+            image, target = torchvision_style_sample(coco, image_id, images_dir, labels, flip)
+            image, target = resize_to_canvas(image, target, canvas)
+            images[i, :, : image.shape[1], : image.shape[2]] = image
+            targets.append(target)
+        yield images, targets
+
+
+def torchvision_style_sample(coco: COCO, image_id: int, images_dir: Path, labels: dict, flip: bool):
+    """Dataset __getitem__: PIL decode, float tensor, masks at the original size, flip."""
+    info = coco.loadImgs(image_id)[0]
+    pil = Image.open(images_dir / info["file_name"]).convert("RGB")
+    image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
+    anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a["iscrowd"]]
+    height, width = image.shape[1:]
+    masks = torch.zeros((0, height, width), dtype=torch.uint8)
+    if anns:
+        masks = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns]))
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    if flip:
+        image, masks = image.flip(-1), masks.flip(-1)
+        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    label_ids = torch.tensor([labels[a["category_id"]] for a in anns], dtype=torch.int64)
+    return image, {"boxes": boxes, "labels": label_ids, "masks": masks}
+
+
+def resize_to_canvas(image: torch.Tensor, target: dict, canvas: int):
+    """GeneralizedRCNNTransform.resize: bilinear image, nearest masks, scaled boxes, padded."""
+    height, width = image.shape[1:]
+    scale = canvas / max(height, width)
+    size = (round(height * scale), round(width * scale))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    masks = torch.zeros((len(target["masks"]), canvas, canvas), dtype=torch.uint8)
+    if len(masks):
+        resized = F.interpolate(target["masks"][:, None].float(), size=size, mode="nearest")
+        masks[:, : size[0], : size[1]] = resized[:, 0].byte()
+    return image, {**target, "boxes": target["boxes"] * scale, "masks": masks}
+
+
+def images_per_second(batches) -> float:
+    """One warm-up batch, then the rest of the pass."""
+    iterator = iter(batches)
+    next(iterator)
+    count, start = 0, time.perf_counter()
+    for images, _ in iterator:
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def through_ray(shards: Path, config: ModelConfig, batch: int) -> float:
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        dataset = ray_dataset(shards, model_config=config)
+        collate = make_collate_fn(config, flip_prob=0.5, seed=0)
+        list(dataset.limit(batch).iter_torch_batches(batch_size=batch, collate_fn=collate))
+        return images_per_second(dataset.iter_torch_batches(batch_size=batch, collate_fn=collate))
+    finally:
+        ray.shutdown()
+
+
+def loader_peak_rss_mb(args: argparse.Namespace, images: int) -> float:
+    """Peak RSS of a fresh process that builds a split of ``images`` and loads it once."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child-memory",
+        "--images",
+        str(images),
+        "--canvas",
+        str(args.canvas),
+        "--batch-size",
+        str(args.batch_size),
+        "--min-side",
+        str(args.min_side),
+        "--max-side",
+        str(args.max_side),
+    ]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def child_memory(args: argparse.Namespace) -> None:
+    """Build the data in a helper process, then load every batch here and report peak RSS."""
+    config = ModelConfig(num_classes=6, canvas=args.canvas)
+    with tempfile.TemporaryDirectory() as tmp:
+        build = [
+            sys.executable,
+            __file__,
+            "--child-build",
+            tmp,
+            "--images",
+            str(args.images),
+            "--canvas",
+            str(args.canvas),
+            "--min-side",
+            str(args.min_side),
+            "--max-side",
+            str(args.max_side),
+        ]
+        subprocess.run(build, check=True, capture_output=True)
+        shards = Path(tmp) / "shards" / "train"
+        for _ in iter_batches(shards, batch_size=args.batch_size, model_config=config):
+            pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": round(peak, 1)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--canvas", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--min-side", type=int, default=256)
+    parser.add_argument("--max-side", type=int, default=512)
+    parser.add_argument("--ray", action="store_true", help="also time the Ray Data path")
+    parser.add_argument("--memory", action="store_true", help="also peak RSS for N and 10N")
+    parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-build", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sizes = {
+        "images": args.images,
+        "canvas": args.canvas,
+        "min_side": args.min_side,
+        "max_side": args.max_side,
+    }
+    if args.child_build:
+        build_data(Path(args.child_build), **sizes)
+        return
+    if args.child_memory:
+        child_memory(args)
+        return
+    config = ModelConfig(num_classes=6, canvas=args.canvas)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = build_data(Path(tmp), **sizes)
+        shards = images_per_second(
+            iter_batches(
+                data["shards"], batch_size=args.batch_size, model_config=config, flip_prob=0.5
+            )
+        )
+        baseline = images_per_second(
+            torchvision_style_batches(
+                data["annotation_file"],
+                data["images_dir"],
+                canvas=args.canvas,
+                batch=args.batch_size,
+            )
+        )
+        result = {
+            **sizes,
+            "batch_size": args.batch_size,
+            "torch_threads": 1,
+            "shard_loader_images_per_s": round(shards, 1),
+            "torchvision_style_images_per_s": round(baseline, 1),
+            "ratio": round(shards / baseline, 2),
+        }
+        if args.ray:
+            result["ray_data_images_per_s"] = round(
+                through_ray(data["shards"], config, args.batch_size), 1
+            )
+    if args.memory:
+        small, large = (loader_peak_rss_mb(args, n) for n in (args.images, 10 * args.images))
+        result["loader_peak_rss_mb"] = {str(args.images): small, str(10 * args.images): large}
+        result["loader_peak_rss_ratio_10x"] = round(large / small, 3)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Train-step and inference throughput of our Mask R-CNN vs torchvision's, same settings.
+
+Both models share the backbone architecture, head sizes, anchors, canvas and weights (ours is
+copied into torchvision's ``MaskRCNN``, whose keys are the same). After warm-up the two models'
+steps alternate in one process, so that both see the same machine load. Ours gets the RPN anchor
+sample the loader would give it (drawn once, outside the timing); torchvision matches and samples
+anchors itself, as it does on every step. Peak memory is measured in one child process per model
+(RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), each running the same warm-up, train and
+inference steps.
+
+    python bench/model_step.py --backbone resnet18 --canvas 512 --batch 2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+
+from maskrcnn import MaskRCNN, ModelConfig, anchor_grid, build_rpn_targets, sample_rpn_targets
+from maskrcnn.config import RoIConfig
+
+MODELS = ("ours", "torchvision")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--canvas", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model and mode")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on GPU")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--num-classes", type=int, default=4, help="including the background")
+    p.add_argument("--instances", type=int, default=6, help="instances per image")
+    p.add_argument("--norm", default="frozen_bn")
+    p.add_argument("--fpn-channels", type=int, default=256)
+    p.add_argument("--representation-size", type=int, default=1024)
+    p.add_argument("--mask-layers", default="256,256,256,256", help="comma-separated channels")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--memory-of", choices=MODELS, help=argparse.SUPPRESS)  # child process mode
+    return p.parse_args(argv)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    layers = tuple(int(c) for c in args.mask_layers.split(","))
+    return ModelConfig(
+        num_classes=args.num_classes,
+        backbone=args.backbone,
+        canvas=args.canvas,
+        norm=args.norm,
+        fpn_channels=args.fpn_channels,
+        roi=RoIConfig(representation_size=args.representation_size, mask_layers=layers),
+    )
+
+
+def torchvision_twin(ours: MaskRCNN) -> TorchvisionMaskRCNN:
+    """torchvision's MaskRCNN with our backbone, head sizes, RPN/RoI settings and weights."""
+    cfg, rpn, roi = ours.config, ours.config.rpn, ours.config.roi
+    channels, last = cfg.fpn_channels, roi.mask_layers[-1]
+    twin = TorchvisionMaskRCNN(
+        copy.deepcopy(ours.backbone),
+        min_size=cfg.canvas,
+        max_size=cfg.canvas,
+        rpn_head=RPNHead(channels, len(cfg.anchors.aspect_ratios)),
+        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn.post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
+        box_head=TwoMLPHead(channels * roi.box_pool_size**2, roi.representation_size),
+        box_predictor=FastRCNNPredictor(roi.representation_size, cfg.num_classes),
+        box_batch_size_per_image=roi.batch_size_per_image,
+        mask_head=MaskRCNNHeads(channels, list(roi.mask_layers), roi.mask_dilation),
+        mask_predictor=MaskRCNNPredictor(last, last, cfg.num_classes),
+    )
+    twin.load_state_dict(ours.state_dict(), strict=True)
+    return twin
+
+
+def synthetic_batch(config: ModelConfig, batch: int, instances: int) -> tuple[torch.Tensor, list]:
+    """Images with ``instances`` filled ellipses each, targets with the loader's RPN sample."""
+    gen = torch.Generator().manual_seed(0)
+    s = config.canvas
+    grid = anchor_grid(s, config.anchors)
+    ys, xs = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    images = 0.2 * torch.rand(batch, 3, s, s, generator=gen)
+    targets = []
+    for image in images:
+        size = torch.empty(instances, 2).uniform_(s / 16, s / 2, generator=gen)
+        corner = torch.rand(instances, 2, generator=gen) * (s - size)
+        boxes = torch.cat([corner, corner + size], dim=1)
+        centre, radius = corner + size / 2, size / 2
+        dx = (xs[None] - centre[:, 0, None, None]) / radius[:, 0, None, None]
+        dy = (ys[None] - centre[:, 1, None, None]) / radius[:, 1, None, None]
+        masks = (dx**2 + dy**2 <= 1).to(torch.uint8)
+        for mask in masks:
+            image[:, mask.bool()] = torch.rand(3, 1, generator=gen)
+        sample = sample_rpn_targets(build_rpn_targets(grid, boxes), grid.num_anchors, generator=gen)
+        targets.append(
+            {
+                "boxes": boxes,
+                "labels": torch.randint(1, config.num_classes, (instances,), generator=gen),
+                "masks": masks,
+                "rpn_idx": sample.idx,
+                "rpn_labels": sample.labels,
+                "rpn_deltas": sample.deltas,
+            }
+        )
+    return images, targets
+
+
+class Runner:
+    """One model's train step and inference on a fixed batch, with timing."""
+
+    def __init__(self, name: str, model: torch.nn.Module, images, targets, args) -> None:
+        self.name, self.model, self.args = name, model, args
+        self.device = torch.device(args.device)
+        self.model.to(self.device)
+        images, targets = images.to(self.device), [_to(t, self.device) for t in targets]
+        if name == "torchvision":
+            keep = ("boxes", "labels", "masks")
+            self.images = list(images)
+            self.targets = [{k: t[k] for k in keep} for t in targets]
+        else:
+            self.images, self.targets = images, targets
+        params = [p for p in model.parameters() if p.requires_grad]
+        # A tiny learning rate: the optimiser step costs what it costs, the workload stays put.
+        self.optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+        amp = args.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    def autocast(self):
+        if not self.args.amp:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self) -> float:
+        self.model.train()
+        self.sync()
+        start = time.perf_counter()
+        with self.autocast():
+            losses = self.model(self.images, self.targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(sum(losses.values())).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.sync()
+        return time.perf_counter() - start
+
+    def infer_step(self) -> float:
+        self.model.eval()
+        self.sync()
+        start = time.perf_counter()
+        with torch.no_grad(), self.autocast():
+            self.model(self.images)
+        self.sync()
+        return time.perf_counter() - start
+
+
+def _to(target: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in target.items()}
+
+
+def build_runners(args: argparse.Namespace, which: tuple[str, ...] = MODELS) -> dict[str, Runner]:
+    torch.manual_seed(0)
+    config = model_config(args)
+    ours = MaskRCNN(config)
+    images, targets = synthetic_batch(config, args.batch, args.instances)
+    models = {
+        "ours": ours,
+        "torchvision": torchvision_twin(ours) if "torchvision" in which else None,
+    }
+    return {name: Runner(name, models[name], images, targets, args) for name in which}
+
+
+def measure_throughput(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    runners = build_runners(args)
+    results: dict[str, dict[str, float]] = {}
+    for mode in ("train", "infer"):
+        elapsed = dict.fromkeys(runners, 0.0)
+        for step in range(args.warmup + args.steps):
+            for name, runner in runners.items():
+                seconds = runner.train_step() if mode == "train" else runner.infer_step()
+                if step >= args.warmup:
+                    elapsed[name] += seconds
+        for name in runners:
+            results.setdefault(name, {})[f"{mode}_img_s"] = args.batch * args.steps / elapsed[name]
+    return results
+
+
+def measure_memory_here(args: argparse.Namespace) -> float:
+    """Peak memory (MB) of this process running one model's warm-up, train and infer steps."""
+    runner = build_runners(args, (args.memory_of,))[args.memory_of]
+    if runner.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runner.device)
+    for _ in range(args.warmup + args.steps):
+        runner.train_step()
+    for _ in range(args.warmup + 1):
+        runner.infer_step()
+    if runner.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(runner.device) / 2**20
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not ``getrusage``: after fork + exec it reports the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def child_argv(args: argparse.Namespace, which: str) -> list[str]:
+    """The same settings on a child's command line, measuring ``which`` model's memory."""
+    argv = ["--memory-of", which]
+    for key, value in vars(args).items():
+        if key in ("out", "memory_of") or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, float]:
+    """Peak memory of each model, each in a fresh child process."""
+    peaks = {}
+    for name in MODELS:
+        cmd = [sys.executable, __file__, *child_argv(args, name)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_mem_mb"]
+    return peaks
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(json.dumps({"peak_mem_mb": measure_memory_here(args)}))
+        return
+    results = measure_throughput(args)
+    for name, peak in measure_memory(args).items():
+        results[name]["peak_mem_mb"] = peak
+    report = {
+        **results,
+        "ratio_train": results["ours"]["train_img_s"] / results["torchvision"]["train_img_s"],
+        "ratio_infer": results["ours"]["infer_img_s"] / results["torchvision"]["infer_img_s"],
+        "settings": {
+            **{
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+                if k != "memory_of"
+            },
+            "torch": torch.__version__,
+            "threads_used": torch.get_num_threads(),
+            "device_name": device_name(args.device),
+            "memory": "one child process per model: peak RSS (CPU) or max_memory_allocated (GPU)",
+        },
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

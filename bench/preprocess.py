@@ -1,0 +1,198 @@
+"""Preprocess throughput with 1 and 2 Ray workers, and peak memory for N vs 10N images.
+
+Each measurement runs in a fresh process with its own local Ray (``num_cpus`` = workers):
+
+- throughput: preprocess the split twice and time the second pass, so that worker start-up and
+  imports (seconds, paid once per Ray session) are not counted; images/s.
+- memory: preprocess N and then 10N images (``rows_per_shard`` fixed) and sample the resident
+  memory of the driver and of every process under it (raylet, Ray workers) every 50 ms; peak.
+  The driver's peak is what would grow if rows were collected instead of streamed.
+
+Also the time to build one image's RPN targets (plain + flipped) at canvas 1024, 1 thread.
+Prints JSON.
+
+    .venv/bin/python bench/preprocess.py --images 64 --canvas 512 --memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maskrcnn.config import ModelConfig  # noqa: E402
+from pipeline.shapes import write_shapes_dataset  # noqa: E402
+
+
+def make_dataset(root: Path, args: argparse.Namespace, images: int) -> dict[str, Path]:
+    write_shapes_dataset(
+        root, n_train=images, n_val=1, seed=0, min_side=args.min_side, max_side=args.max_side
+    )
+    return {
+        "annotation_file": root / "annotations" / "instances_train.json",
+        "images_dir": root / "images" / "train",
+    }
+
+
+class PeakMemory:
+    """Samples the RSS of this process and all its descendants in a background thread."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # a worker may exit meanwhile
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval_s)
+
+
+def run_child(args: argparse.Namespace, *extra: str) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--canvas",
+        str(args.canvas),
+        "--min-side",
+        str(args.min_side),
+        "--max-side",
+        str(args.max_side),
+        *extra,
+    ]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One measurement in this process: throughput (--workers) or memory (--images)."""
+    import ray
+
+    from pipeline.preprocess import preprocess_split
+
+    config = ModelConfig(num_classes=6, canvas=args.canvas)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = make_dataset(Path(tmp) / "data", args, args.images)
+        ray.init(
+            address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False
+        )
+        run = {"model_config": config, "rows_per_shard": args.rows_per_shard, "progress": False}
+        try:
+            if args.child == "throughput":
+                preprocess_split(**source, out_dir=Path(tmp) / "warm", **run)
+                start = time.perf_counter()
+                preprocess_split(**source, out_dir=Path(tmp) / "train", **run)
+                return {"images_per_s": args.images / (time.perf_counter() - start)}
+            with PeakMemory() as memory:
+                preprocess_split(**source, out_dir=Path(tmp) / "train", **run)
+            driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            return {"driver_peak_mb": driver, "tree_peak_mb": memory.peak / 2**20}
+        finally:
+            ray.shutdown()
+
+
+def rpn_target_ms(args: argparse.Namespace) -> dict:
+    """Per-image time of the two RPN target builds preprocess does, at canvas 1024."""
+    import numpy as np
+    import torch
+
+    from maskrcnn.anchors import anchor_grid
+    from maskrcnn.rpn_targets import build_rpn_targets
+    from pipeline.coco import instance_boxes, read_coco
+    from pipeline.images import resized_size
+    from pipeline.preprocess import canvas_scale
+
+    torch.set_num_threads(1)
+    config = ModelConfig(num_classes=6, canvas=1024)
+    grid = anchor_grid(1024, config.anchors)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = make_dataset(Path(tmp), args, min(args.images, 64))
+        records = read_coco(**source).records
+    times = []
+    for record in records:
+        scale = canvas_scale(record.height, record.width, 1024)
+        width = resized_size(record.height, record.width, scale)[1]
+        boxes = instance_boxes(record, scale=scale)
+        flipped = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+        crowd = torch.tensor([i.iscrowd for i in record.instances], dtype=torch.bool)
+        start = time.perf_counter()
+        for b in (boxes, flipped):
+            build_rpn_targets(grid, torch.from_numpy(b), crowd, config.rpn)
+        times.append((time.perf_counter() - start) * 1e3)
+    times = times[1:]  # the first call warms caches
+    return {"mean": statistics.mean(times), "max": max(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--canvas", type=int, default=512)
+    parser.add_argument("--min-side", type=int, default=256)
+    parser.add_argument("--max-side", type=int, default=512)
+    parser.add_argument("--rows-per-shard", type=int, default=16)
+    parser.add_argument("--memory", action="store_true", help="also peak memory, N vs 10N")
+    parser.add_argument("--child", choices=("throughput", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    common = ("--images", str(args.images), "--rows-per-shard", str(args.rows_per_shard))
+    speed = {
+        w: run_child(args, "--child", "throughput", "--workers", str(w), *common)["images_per_s"]
+        for w in (1, 2)
+    }
+    result = {
+        "images": args.images,
+        "canvas": args.canvas,
+        "min_side": args.min_side,
+        "max_side": args.max_side,
+        "rows_per_shard": args.rows_per_shard,
+        "images_per_s": {f"{w}_workers": round(v, 2) for w, v in speed.items()},
+        "speedup_2_vs_1": round(speed[2] / speed[1], 2),
+    }
+    if args.memory:
+        peaks = {}
+        for n in (args.images, 10 * args.images):
+            extra = ("--images", str(n), "--rows-per-shard", str(args.rows_per_shard))
+            peaks[n] = run_child(args, "--child", "memory", "--workers", "2", *extra)
+        small, large = peaks[args.images], peaks[10 * args.images]
+        result["peak_memory_mb"] = {
+            str(n): {k: round(v, 1) for k, v in p.items()} for n, p in peaks.items()
+        }
+        result["peak_ratio_10x"] = {
+            k: round(large[k] / small[k], 3) for k in ("driver_peak_mb", "tree_peak_mb")
+        }
+    result["rpn_targets_ms_per_image_canvas_1024"] = {
+        k: round(v, 2) for k, v in rpn_target_ms(args).items()
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Weights in and out: torchvision Mask R-CNN and ImageNet ResNet files, and our own format.
+
+Every loader reads a local file with ``torch.load(weights_only=True)`` and compares its keys and
+shapes with the model before loading, so a wrong file fails with a ValueError naming the file and
+the keys that do not fit, instead of a half-loaded model. BatchNorm's ``num_batches_tracked``
+counters are ignored both ways (FrozenBatchNorm2d has none).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .model import MaskRCNN
+
+FORMAT = "maskrcnn-pipeline/1"
+CLASS_SPECIFIC = (
+    "roi_heads.box_predictor.cls_score.",
+    "roi_heads.box_predictor.bbox_pred.",
+    "roi_heads.mask_predictor.mask_fcn_logits.",
+)
+_NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_SHOWN = 8
+_UNREADABLE = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a loader did: how many tensors it loaded, which file keys it left out, and why."""
+
+    path: str
+    loaded: int
+    skipped: tuple[str, ...] = ()
+    note: str = ""
+
+
+def load_torchvision_maskrcnn(model: MaskRCNN, path: str | os.PathLike) -> LoadResult:
+    """Load a torchvision ``maskrcnn_resnet50_fpn`` state dict (optionally under ``"model"``).
+
+    When the file has another number of classes, everything but the class-specific predictor
+    layers is loaded; those keep their initialisation and the result says so.
+    """
+    state = _read_state_dict(path)
+    missing, unexpected, mismatched = _compare(model.state_dict(), state)
+    skipped: list[str] = []
+    note = ""
+    if (
+        mismatched
+        and not missing
+        and not unexpected
+        and all(_class_specific(k) for k in mismatched)
+    ):
+        skipped = sorted(k for k in state if _class_specific(k))
+        file_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+        note = (
+            f"num_classes differs (file {file_classes}, model {model.config.num_classes}): "
+            "the class-specific predictor layers keep their initialisation"
+        )
+        mismatched = []
+    _raise_if_unfit(
+        path, "a torchvision Mask R-CNN state dict for this model", missing, unexpected, mismatched
+    )
+    kept = {k: v for k, v in state.items() if k not in skipped}
+    model.load_state_dict(kept, strict=not skipped)
+    return LoadResult(path=str(path), loaded=len(kept), skipped=tuple(skipped), note=note)
+
+
+def load_imagenet_backbone(model: MaskRCNN, path: str | os.PathLike) -> LoadResult:
+    """Load a torchvision ImageNet ResNet state dict into ``backbone.body`` (``fc.*`` ignored).
+
+    A GroupNorm backbone takes the affine weights; the file's running statistics are skipped.
+    """
+    state = _read_state_dict(path)
+    skipped = [k for k in state if k.startswith("fc.")]
+    if model.config.norm == "gn":
+        skipped += [k for k in state if k.endswith(_NORM_STATS)]
+    kept = {k: v for k, v in state.items() if k not in skipped}
+    body = model.backbone.body
+    missing, unexpected, mismatched = _compare(body.state_dict(), kept)
+    _raise_if_unfit(
+        path, f"an ImageNet {model.config.backbone} state dict", missing, unexpected, mismatched
+    )
+    body.load_state_dict(kept, strict=True)
+    note = "fc.* is the classifier, not part of the backbone"
+    if model.config.norm == "gn":
+        note += "; GroupNorm has no running statistics"
+    return LoadResult(path=str(path), loaded=len(kept), skipped=tuple(sorted(skipped)), note=note)
+
+
+def save_model(model: MaskRCNN, path: str | os.PathLike) -> None:
+    """Write ``{"format", "config", "state_dict"}`` to one torch file (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": model.state_dict()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> MaskRCNN:
+    """A model written by ``save_model``, with its exact configuration."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except _UNREADABLE as err:
+        raise ValueError(f"{path}: cannot read a model file ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} model file")
+    model = MaskRCNN(ModelConfig.from_dict(payload["config"]))
+    missing, unexpected, mismatched = _compare(model.state_dict(), payload["state_dict"])
+    _raise_if_unfit(path, "a state dict matching its own config", missing, unexpected, mismatched)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.to(map_location)
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as err:
+        raise ValueError(
+            f"{path}: not a torch checkpoint readable with weights_only=True ({err})"
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}"
+        )
+    return state
+
+
+def _compare(
+    expected: dict[str, Tensor], given: dict[str, Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """Keys the model needs but the file lacks, keys the model lacks, and shape mismatches."""
+    want = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
+    have = {k: v for k, v in given.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    mismatched = sorted(
+        f"{k} (file {tuple(have[k].shape)}, model {tuple(want[k].shape)})"
+        for k in set(want) & set(have)
+        if have[k].shape != want[k].shape
+    )
+    return missing, unexpected, mismatched
+
+
+def _class_specific(key: str) -> bool:
+    return key.startswith(CLASS_SPECIFIC)
+
+
+def _raise_if_unfit(
+    path: str | os.PathLike,
+    what: str,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+) -> None:
+    parts = [
+        f"{label} ({len(keys)}): {keys[:_SHOWN]}{' ...' if len(keys) > _SHOWN else ''}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        )
+        if keys
+    ]
+    if parts:
+        raise ValueError(f"{path} is not {what}: " + "; ".join(parts))

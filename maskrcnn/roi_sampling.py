@@ -1,0 +1,96 @@
+"""Training samples for the box and mask heads: match proposals to ground truth, then sample.
+
+torchvision's semantics: the ground-truth boxes join the proposals, ``Matcher(fg, bg)`` without
+low-quality matches labels each proposal with its best box's class (background below ``bg``,
+ignored in between), and the balanced sampler keeps ``batch_size_per_image`` of them with at most
+``positive_fraction`` positives. Positives come first in each image's sample, so the mask head's
+proposals are a prefix, and regression targets are encoded for the positives only (the loss uses
+no others).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from .box_ops import encode_boxes
+from .config import RoIConfig
+
+
+class RoISample(NamedTuple):
+    """The sampled proposals of a batch; positives first within each image."""
+
+    proposals: list[Tensor]  # per image [n_i, 4]
+    labels: Tensor  # int64 [R], R = sum n_i: class of each sampled proposal, 0 = background
+    num_positive: list[int]  # per image: its first num_positive proposals are positive
+    positive_index: Tensor  # int64 [P]: rows of the concatenated sample that are positive
+    matched_gt: Tensor  # int64 [P]: index into the batch's concatenated gt of each positive
+    regression_targets: Tensor  # float [P, 4]: box deltas of the positives
+
+
+def match_labels(
+    proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, config: RoIConfig
+) -> tuple[Tensor, Tensor]:
+    """Per proposal: its class (0 background, -1 ignored) and the index of its best gt box."""
+    if len(gt_boxes) == 0:
+        zeros = torch.zeros(len(proposals), dtype=torch.int64, device=proposals.device)
+        return zeros, zeros
+    best_iou, best_gt = box_iou(gt_boxes, proposals).max(dim=0)
+    labels = gt_labels[best_gt].to(torch.int64)
+    labels[best_iou < config.bg_iou_thresh] = 0
+    labels[(best_iou >= config.bg_iou_thresh) & (best_iou < config.fg_iou_thresh)] = -1
+    return labels, best_gt
+
+
+def balanced_sample(
+    labels: Tensor, config: RoIConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Random positive and negative indices, like torchvision's balanced sampler."""
+    positive = torch.where(labels >= 1)[0]
+    negative = torch.where(labels == 0)[0]
+    num_pos = min(len(positive), int(config.batch_size_per_image * config.positive_fraction))
+    num_neg = min(len(negative), config.batch_size_per_image - num_pos)
+    pick_pos = torch.randperm(len(positive), device=labels.device, generator=generator)[:num_pos]
+    pick_neg = torch.randperm(len(negative), device=labels.device, generator=generator)[:num_neg]
+    return positive[pick_pos], negative[pick_neg]
+
+
+def sample_proposals(
+    proposals: list[Tensor],
+    gt_boxes: list[Tensor],
+    gt_labels: list[Tensor],
+    config: RoIConfig,
+    generator: torch.Generator | None = None,
+) -> RoISample:
+    """Match and sample every image's proposals (with its gt boxes appended)."""
+    kept, labels, num_positive, matched, positives = [], [], [], [], []
+    gt_offset = row_offset = 0
+    positive_rows = []
+    for props, boxes, classes in zip(proposals, gt_boxes, gt_labels, strict=True):
+        props = torch.cat([props, boxes.to(props.dtype)])
+        image_labels, best_gt = match_labels(props, boxes, classes, config)
+        pos, neg = balanced_sample(image_labels, config, generator)
+        index = torch.cat([pos, neg])
+        kept.append(props[index])
+        labels.append(image_labels[index])
+        num_positive.append(len(pos))
+        matched.append(best_gt[pos] + gt_offset)
+        positives.append(props[pos])
+        positive_rows.append(torch.arange(row_offset, row_offset + len(pos)))
+        gt_offset += len(boxes)
+        row_offset += len(index)
+
+    matched_gt = torch.cat(matched)
+    all_gt = torch.cat(gt_boxes).to(kept[0].dtype)
+    targets = encode_boxes(all_gt[matched_gt], torch.cat(positives), config.bbox_reg_weights)
+    return RoISample(
+        proposals=kept,
+        labels=torch.cat(labels),
+        num_positive=num_positive,
+        positive_index=torch.cat(positive_rows).to(matched_gt.device),
+        matched_gt=matched_gt,
+        regression_targets=targets,
+    )

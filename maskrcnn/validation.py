@@ -1,0 +1,116 @@
+"""Input checks at the model boundary: a ValueError that names the problem, not a shape error deep
+inside a kernel or a NaN loss many steps later.
+
+Shape and dtype checks are plain Python. Value checks (finite boxes, positive box sizes, label
+and anchor-index ranges) are reduced on the tensors' device and read back in one transfer, so
+they cost one host sync per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .anchors import anchor_grid
+from .config import ModelConfig
+from .rpn import RPN_KEYS
+
+
+def validate_images(images: object, config: ModelConfig) -> None:
+    """``images`` must be ``[B, 3, S, S]`` (S = ``config.canvas``), float or uint8."""
+    s = config.canvas
+    if not isinstance(images, Tensor):
+        raise ValueError(f"images must be a tensor [B, 3, {s}, {s}], got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(
+            f"images must have rank 4 [B, 3, {s}, {s}], got shape {tuple(images.shape)}"
+        )
+    if images.shape[0] == 0 or images.shape[1] != 3 or tuple(images.shape[2:]) != (s, s):
+        raise ValueError(
+            f"images must be [B, 3, {s}, {s}] (B >= 1, 3 channels, canvas {s}), "
+            f"got shape {tuple(images.shape)}"
+        )
+    if not (images.is_floating_point() or images.dtype == torch.uint8):
+        raise ValueError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
+
+
+def validate_targets(targets: object, batch_size: int, config: ModelConfig) -> None:
+    """Training targets: one dict per image with boxes, labels, masks (+ optional RPN sample)."""
+    if not isinstance(targets, Sequence) or isinstance(targets, (str, bytes)):
+        raise ValueError("training needs targets: a list with one dict per image")
+    if len(targets) != batch_size:
+        raise ValueError(f"got {len(targets)} targets for a batch of {batch_size} images")
+    has_rpn = [_check_structure(t, i, config) for i, t in enumerate(targets)]
+    if any(has_rpn) and not all(has_rpn):
+        raise ValueError("either every target or none has the rpn_idx/rpn_labels/rpn_deltas sample")
+    if all(has_rpn) and len({len(t["rpn_idx"]) for t in targets}) > 1:
+        raise ValueError("rpn_idx must have the same length in every target of a batch")
+    _check_values(targets, config)
+
+
+def _check_structure(target: object, i: int, config: ModelConfig) -> bool:
+    """Keys, shapes and dtypes of target ``i``; returns whether it carries the RPN sample."""
+    if not isinstance(target, dict):
+        raise ValueError(f"target {i} must be a dict, got {type(target).__name__}")
+    missing = [k for k in ("boxes", "labels", "masks") if k not in target]
+    if missing:
+        raise ValueError(f"target {i} lacks {missing}")
+    boxes, labels, masks = target["boxes"], target["labels"], target["masks"]
+    _expect(i, "boxes", boxes, (None, 4))
+    n = boxes.shape[0]
+    if not boxes.is_floating_point():
+        raise ValueError(f"target {i}: boxes must be float, got {boxes.dtype}")
+    _expect(i, "labels", labels, (n,))
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"target {i}: labels must be an integer tensor, got {labels.dtype}")
+    _expect(i, "masks", masks, (n, config.canvas, config.canvas))
+    if "iscrowd" in target:
+        _expect(i, "iscrowd", target["iscrowd"], (n,))
+    present = [k for k in RPN_KEYS if k in target]
+    if present and len(present) != len(RPN_KEYS):
+        raise ValueError(f"target {i} has {present} but needs all of {list(RPN_KEYS)}")
+    if present:
+        _expect(i, "rpn_idx", target["rpn_idx"], (None,))
+        k = target["rpn_idx"].shape[0]
+        _expect(i, "rpn_labels", target["rpn_labels"], (k,))
+        _expect(i, "rpn_deltas", target["rpn_deltas"], (k, 4))
+        if target["rpn_idx"].is_floating_point():
+            raise ValueError(f"target {i}: rpn_idx must be an integer tensor")
+    return bool(present)
+
+
+def _expect(i: int, name: str, value: object, shape: tuple[int | None, ...]) -> None:
+    want = "[" + ", ".join("N" if s is None else str(s) for s in shape) + "]"
+    if not isinstance(value, Tensor):
+        raise ValueError(f"target {i}: {name} must be a tensor {want}, got {type(value).__name__}")
+    ok = value.dim() == len(shape) and all(
+        s is None or s == v for s, v in zip(shape, value.shape, strict=True)
+    )
+    if not ok:
+        raise ValueError(f"target {i}: {name} must have shape {want}, got {tuple(value.shape)}")
+
+
+def _check_values(targets: Sequence[dict[str, Tensor]], config: ModelConfig) -> None:
+    num_anchors = anchor_grid(config.canvas, config.anchors).num_anchors
+    problems = (
+        "boxes contain NaN or inf",
+        "a box has x2 <= x1 or y2 <= y1 (boxes must have positive width and height)",
+        f"labels must be in 1..{config.num_classes - 1}",
+        f"rpn_idx must be in 0..{num_anchors - 1}",
+    )
+    flags = []
+    for t in targets:
+        boxes, labels = t["boxes"], t["labels"]
+        finite = torch.isfinite(boxes).all()
+        degenerate = ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()
+        bad_label = ((labels < 1) | (labels >= config.num_classes)).any()
+        idx = t.get("rpn_idx", labels.new_zeros(0))
+        bad_idx = ((idx < 0) | (idx >= num_anchors)).any()
+        checks = (~finite, degenerate, bad_label, bad_idx)
+        flags.append(torch.stack([c.to(boxes.device) for c in checks]))
+    found = torch.stack(flags).cpu()
+    if found.any():
+        image, check = (int(v) for v in found.nonzero()[0])
+        raise ValueError(f"target {image}: {problems[check]}")

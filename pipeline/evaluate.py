@@ -1,0 +1,260 @@
+"""Stage evaluate's logic: batch inference over the val shards, COCO scores, plots, overlays.
+
+Inference runs on Ray Data: an actor pool whose actors each load the model once (a GPU each
+when the cluster has them) and turn batches of shard rows into COCO results in original image
+coordinates. The driver scores them with pycocotools against the original annotation file and
+writes ``metrics.json``, ``pr_curve.csv``, ``predictions.json`` and ``overlays/*.png``, then
+logs all of it to the training's MLflow run (metrics prefixed ``eval/``, files under ``eval/``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from PIL import Image
+
+from .cocoeval import (
+    flat_metrics,
+    load_ground_truth,
+    pr_curve_rows,
+    score_all,
+    summary_table,
+    to_coco_results,
+)
+from .images import read_rgb
+from .masks import decode_rle
+from .overlay import draw_detections, save_overlay
+from .predict import Detector, read_model_info
+from .ray_runtime import ensure_ray
+from .shards import read_manifest, shard_paths
+
+log = logging.getLogger(__name__)
+
+READ_COLUMNS = ["image_id", "file_name", "height", "width", "scale", "image"]
+
+
+class ShardPredictor:
+    """Ray Data actor: loads the model once, then shard rows -> COCO results (JSON per image).
+
+    The model file's bytes come through Ray's object store (``model_file``: a one-element list
+    holding their ObjectRef), so actors on any node of a cluster can load it.
+    """
+
+    def __init__(self, *, model_file: list, categories: list[dict], score_threshold: float) -> None:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model.pt"
+            local.write_bytes(ray.get(model_file[0]))
+            self.detector = Detector.from_file(local, categories=categories, device=device)
+        self.score_threshold = score_threshold
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]]
+        detections = self.detector.detect_resized(
+            images,
+            scales=[float(s) for s in batch["scale"]],
+            sizes=list(zip(batch["height"], batch["width"], strict=True)),
+            score_threshold=self.score_threshold,
+        )
+        results = [
+            json.dumps(to_coco_results(int(image_id), detection, self.detector.category_ids))
+            for image_id, detection in zip(batch["image_id"], detections, strict=True)
+        ]
+        return {
+            "image_id": batch["image_id"],
+            "file_name": batch["file_name"],
+            "results": np.array(results, dtype=object),
+        }
+
+
+def evaluate(
+    *,
+    model_path: str | os.PathLike,
+    shards_dir: str | os.PathLike,
+    annotation_file: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    batch_size: int = 4,
+    score_threshold: float = 0.0,
+    num_overlays: int = 8,
+    overlay_score_threshold: float = 0.5,
+    concurrency: int = 1,
+    ray_address: str | None = None,
+    tracking_run: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Score the model on the split in ``shards_dir``; write the outputs; return the metrics.
+
+    ``score_threshold`` drops detections before scoring (0 keeps everything the model returns,
+    as COCO AP expects); overlays only draw those above ``overlay_score_threshold``.
+    ``tracking_run`` is run.json's content (run_id, tracking_uri); None skips MLflow.
+    """
+    config, _ = read_model_info(model_path)
+    manifest = read_manifest(shards_dir)
+    if config.canvas != manifest["canvas"]:
+        raise ValueError(
+            f"{model_path}: the model's canvas is {config.canvas}, but the shards in {shards_dir} "
+            f"were made for canvas {manifest['canvas']}: preprocess with the model's canvas"
+        )
+    gt = load_ground_truth(annotation_file)
+    _check_source(manifest, Path(annotation_file))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    ensure_ray(ray_address)
+    images, results = _predict(
+        model_path=Path(model_path), shards_dir=shards_dir, manifest=manifest,
+        batch_size=batch_size, score_threshold=score_threshold, concurrency=concurrency,
+    )
+    seconds = time.perf_counter() - started
+    log.info("inference: %d images, %d detections in %.1f s (%.2f images/s)",
+             len(images), len(results), seconds, len(images) / max(seconds, 1e-9))
+
+    scores = score_all(gt, results, image_ids=[image_id for image_id, _ in images])
+    metrics = {
+        **flat_metrics(scores),
+        "num_images": len(images),
+        "num_detections": len(results),
+        "images_per_second": round(len(images) / max(seconds, 1e-9), 3),
+    }
+    log.info("COCO scores (%%) on %d images:\n%s", len(images), summary_table(scores))
+
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "predictions.json").write_text(json.dumps(results) + "\n")
+    _write_csv(out / "pr_curve.csv", pr_curve_rows(scores))
+    _write_overlays(
+        images[:num_overlays], results, images_dir=Path(images_dir), out_dir=out / "overlays",
+        categories=manifest["categories"], threshold=overlay_score_threshold,
+    )
+    if tracking_run:
+        log_to_run(tracking_run, metrics, out)
+    return metrics
+
+
+def _predict(
+    *,
+    model_path: Path,
+    shards_dir: str | os.PathLike,
+    manifest: Mapping[str, Any],
+    batch_size: int,
+    score_threshold: float,
+    concurrency: int,
+) -> tuple[list[tuple[int, str]], list[dict[str, Any]]]:
+    """[(image_id, file_name)] in image-id order, and every image's COCO results."""
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    dataset = ray.data.read_parquet([str(p) for p in shard_paths(shards_dir)], columns=READ_COLUMNS)
+    predicted = dataset.map_batches(
+        ShardPredictor,
+        fn_constructor_kwargs={
+            "model_file": [ray.put(model_path.read_bytes())],
+            "categories": manifest["categories"],
+            "score_threshold": score_threshold,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, concurrency)),
+        num_gpus=gpus,
+        udf_modifying_row_count=False,
+    )
+    images: list[tuple[int, str]] = []
+    results: list[dict[str, Any]] = []
+    for row in sorted(predicted.iter_rows(), key=lambda r: int(r["image_id"])):
+        images.append((int(row["image_id"]), str(row["file_name"])))
+        results.extend(json.loads(row["results"]))
+    return images, results
+
+
+def _check_source(manifest: Mapping[str, Any], annotation_file: Path) -> None:
+    """Warn when the shards were made from another annotation file than the one scored against."""
+    expected = manifest.get("annotation_sha256")
+    actual = hashlib.sha256(annotation_file.read_bytes()).hexdigest()
+    if expected and expected != actual:
+        log.warning("%s differs from the annotation file the shards were made from "
+                    "(sha256 %s...): scores may not mean what you think", annotation_file,
+                    expected[:12])
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_overlays(
+    images: Sequence[tuple[int, str]],
+    results: Sequence[Mapping[str, Any]],
+    *,
+    images_dir: Path,
+    out_dir: Path,
+    categories: Sequence[Mapping[str, Any]],
+    threshold: float,
+) -> list[Path]:
+    """The original image with its detections above ``threshold`` drawn, one PNG per image."""
+    label_of = {int(c["id"]): int(c["label"]) for c in categories}
+    names = {int(c["label"]): str(c["name"]) for c in categories}
+    by_image: dict[int, list[Mapping[str, Any]]] = {}
+    for r in results:
+        if r["score"] >= threshold:
+            by_image.setdefault(int(r["image_id"]), []).append(r)
+    written = []
+    for image_id, file_name in images:
+        try:
+            pixels = read_rgb(images_dir / file_name)
+        except ValueError as err:
+            log.warning("no overlay for image %s (%s): %s", image_id, images_dir / file_name, err)
+            continue
+        kept = by_image.get(image_id, [])
+        height, width = pixels.shape[:2]
+        masks = np.stack([decode_rle(r["segmentation"]["counts"], height, width) for r in kept]) \
+            if kept else np.zeros((0, height, width), np.uint8)
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in kept)],
+                         dtype=np.float32).reshape(-1, 4)
+        picture = draw_detections(
+            pixels, boxes=boxes, labels=np.array([label_of[r["category_id"]] for r in kept]),
+            scores=np.array([r["score"] for r in kept]), masks=masks, names=names,
+        )
+        stem = re.sub(r"[^\w.-]", "_", Path(file_name).stem)
+        written.append(save_overlay(picture, out_dir / f"{image_id}_{stem}.png"))
+    return written
+
+
+def log_to_run(run: Mapping[str, str], metrics: Mapping[str, Any], out_dir: Path) -> None:
+    """Metrics as ``eval/<name>`` (per class: ``eval/<type>_AP/<class>``), files under ``eval/``."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=run["tracking_uri"])
+    now = int(time.time() * 1000)
+    values = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for iou_type, per_class in metrics.get("per_class", {}).items():
+        for name, value in per_class.items():
+            if value is not None:
+                values[f"eval/{iou_type}_AP/{_metric_name(name)}"] = value
+    batch = [Metric(key, float(value), now, 0) for key, value in values.items()]
+    client.log_batch(run["run_id"], metrics=batch)
+    client.log_artifacts(run["run_id"], str(out_dir), artifact_path="eval")
+    log.info("logged %d eval metrics and the eval files to MLflow run %s", len(values),
+             run["run_id"])
+
+
+def _metric_name(name: str) -> str:
+    """MLflow allows letters, digits, and _ - . / and space in metric names."""
+    return re.sub(r"[^\w\-. /]", "_", name)

@@ -1,0 +1,263 @@
+"""Shards -> model-ready batches: decode, paste on the canvas, optional flip, fresh RPN sample.
+
+``decode_batch`` is the one place where a batch of shard rows becomes the model's input
+(docs/design.md, "Model inputs"). Two ways to feed it: ``iter_batches`` reads shards with plain
+pyarrow (tests, benchmarks, single-process use), and ``ray_dataset`` + ``make_collate_fn`` go
+through Ray Data's ``iter_torch_batches`` for training. Crowd instances are dropped from the RoI
+targets here: preprocessing kept them only to shape the RPN targets.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pycocotools import mask as mask_utils
+from ray.data.collate_fn import ArrowBatchCollateFn
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+
+from maskrcnn.anchors import anchor_grid
+from maskrcnn.config import ModelConfig
+from maskrcnn.rpn_targets import RPNTargets, sample_rpn_targets
+
+from .shards import check_compatible, shard_paths
+
+__all__ = [
+    "ShardCollateFn",
+    "check_compatible",
+    "decode_batch",
+    "iter_batches",
+    "make_collate_fn",
+    "ray_dataset",
+]
+
+Batch = pa.Table | Mapping[str, Any]
+_FLOAT4 = ("boxes", "rpn_pos_deltas", "rpn_flip_pos_deltas")
+_INDEX_LISTS = ("labels", "iscrowd", "rpn_pos", "rpn_ignore", "rpn_flip_pos", "rpn_flip_ignore")
+
+
+def decode_batch(
+    batch: Batch,
+    *,
+    canvas: int,
+    num_anchors: int,
+    rpn_batch_size: int = 256,
+    positive_fraction: float = 0.5,
+    flip_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Shard rows -> ``images`` uint8 ``[B, 3, S, S]`` and one target dict per image.
+
+    ``batch`` is a pyarrow Table of shard rows, or a dict of columns (numpy arrays as Ray's
+    numpy batch format gives them, or lists). Each image is flipped horizontally with
+    probability ``flip_prob`` (within its own width, using the stored flipped RPN targets);
+    the RPN's anchor sample is drawn fresh from ``generator``.
+    """
+    rows = _columns(batch)
+    images = torch.zeros((len(rows["image"]), 3, canvas, canvas), dtype=torch.uint8)
+    targets = []
+    for i, target in enumerate(images):
+        flip = flip_prob > 0 and float(torch.rand((), generator=generator)) < flip_prob
+        pixels = decode_image(
+            torch.frombuffer(bytearray(rows["image"][i]), dtype=torch.uint8), mode=ImageReadMode.RGB
+        )
+        height, width = pixels.shape[1:]
+        if height > canvas or width > canvas:
+            raise ValueError(
+                f"image_id {rows['image_id'][i]}: {height}x{width} exceeds the canvas {canvas}"
+            )
+        target[:, :height, :width] = pixels.flip(-1) if flip else pixels
+
+        keep = ~rows["iscrowd"][i].astype(bool)
+        boxes = rows["boxes"][i][keep]
+        if flip:
+            x1, y1, x2, y2 = boxes.T
+            boxes = np.stack([width - x2, y1, width - x1, y2], axis=1)
+        counts = [c for c, k in zip(rows["masks"][i], keep, strict=True) if k]
+        prefix = "rpn_flip_" if flip else "rpn_"
+        stored = RPNTargets(
+            pos=torch.from_numpy(rows[prefix + "pos"][i].astype(np.int64)),
+            pos_deltas=torch.from_numpy(np.array(rows[prefix + "pos_deltas"][i], np.float32)),
+            ignore=torch.from_numpy(rows[prefix + "ignore"][i].astype(np.int64)),
+        )
+        sample = sample_rpn_targets(
+            stored,
+            num_anchors,
+            batch_size=rpn_batch_size,
+            positive_fraction=positive_fraction,
+            generator=generator,
+        )
+        targets.append(
+            {
+                "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+                "labels": torch.from_numpy(rows["labels"][i][keep].astype(np.int64)),
+                "masks": _canvas_masks(counts, height, width, canvas, flip=flip),
+                "rpn_idx": sample.idx,
+                "rpn_labels": sample.labels,
+                "rpn_deltas": sample.deltas,
+            }
+        )
+    return images, targets
+
+
+def _canvas_masks(
+    counts: list[bytes], height: int, width: int, canvas: int, *, flip: bool
+) -> Tensor:
+    """Stored RLE masks (at the resized size) pasted at the top-left of ``[N, S, S]`` zeros."""
+    out = torch.zeros((len(counts), canvas, canvas), dtype=torch.uint8)
+    if counts:
+        rles = [{"size": [height, width], "counts": c} for c in counts]
+        masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)  # [N, h', w'], a view
+        out[:, :height, :width] = masks.flip(-1) if flip else masks
+    return out
+
+
+def _columns(batch: Batch) -> dict[str, list[Any]]:
+    """Per-row values of each column: numpy arrays for numbers, bytes for images and masks."""
+    if isinstance(batch, pa.Table):
+        return _arrow_columns(batch)
+    rows: dict[str, list[Any]] = {
+        "image_id": list(batch["image_id"]),
+        "image": list(batch["image"]),
+        "masks": [list(m) for m in batch["masks"]],
+    }
+    for name in _FLOAT4:
+        rows[name] = [_float4(v) for v in batch[name]]
+    for name in _INDEX_LISTS:
+        rows[name] = [np.asarray(v) for v in batch[name]]
+    return rows
+
+
+def _float4(value: Any) -> np.ndarray:
+    if len(value) == 0:
+        return np.zeros((0, 4), np.float32)
+    return np.stack([np.asarray(v, dtype=np.float32) for v in value])
+
+
+def _arrow_columns(table: pa.Table) -> dict[str, list[Any]]:
+    """Split Arrow list columns by their offsets: no per-element Python objects."""
+    rows: dict[str, list[Any]] = {
+        "image_id": table["image_id"].to_pylist(),
+        "image": table["image"].to_pylist(),
+        "masks": table["masks"].to_pylist(),
+    }
+    for name in (*_FLOAT4, *_INDEX_LISTS):
+        column = table[name].combine_chunks()
+        offsets = column.offsets.to_numpy()
+        values = column.flatten()
+        if name in _FLOAT4:
+            flat = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
+        else:
+            flat = values.to_numpy(zero_copy_only=False)
+        rows[name] = [flat[a:b] for a, b in itertools.pairwise(offsets)]
+    return rows
+
+
+def iter_batches(
+    split_dir: str | Path,
+    *,
+    batch_size: int,
+    model_config: ModelConfig,
+    shuffle: bool = False,
+    seed: int = 0,
+    flip_prob: float = 0.0,
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, list[dict[str, Tensor]]]]:
+    """Model-ready batches from a split's shards, without Ray; one shard in memory at a time.
+
+    ``shuffle`` permutes the shard order and the rows within each shard (by ``seed``).
+    """
+    metadata = check_compatible(split_dir, model_config)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    paths = shard_paths(split_dir)
+    if shuffle:
+        paths = [paths[i] for i in rng.permutation(len(paths))]
+    decode = {
+        "canvas": model_config.canvas,
+        "num_anchors": metadata["num_anchors"],
+        "rpn_batch_size": model_config.rpn.batch_size_per_image,
+        "positive_fraction": model_config.rpn.positive_fraction,
+        "flip_prob": flip_prob,
+        "generator": generator,
+    }
+    pending: pa.Table | None = None
+    for path in paths:
+        table = pq.read_table(path)
+        if shuffle:
+            table = table.take(rng.permutation(table.num_rows))
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        while pending.num_rows >= batch_size:
+            yield decode_batch(pending.slice(0, batch_size), **decode)
+            pending = pending.slice(batch_size)
+    if pending is not None and pending.num_rows and not drop_last:
+        yield decode_batch(pending, **decode)
+
+
+def ray_dataset(split_dir: str | Path, *, model_config: ModelConfig | None = None):
+    """A Ray dataset over a split's shards (after checking them against ``model_config``)."""
+    import ray.data
+
+    if model_config is not None:
+        check_compatible(split_dir, model_config)
+    return ray.data.read_parquet([str(p) for p in shard_paths(split_dir)])
+
+
+class ShardCollateFn(ArrowBatchCollateFn):
+    """``iter_torch_batches(collate_fn=...)``: Arrow rows -> ``(images, targets)`` on the CPU.
+
+    Picklable, so Ray can ship it to train workers; give each worker its own ``seed`` (e.g.
+    base seed + rank). Every call draws from a generator seeded by (seed, call number), so the
+    collate is safe in Ray's prefetch threads and repeatable for a given batch order.
+    """
+
+    def __init__(
+        self,
+        *,
+        canvas: int,
+        num_anchors: int,
+        rpn_batch_size: int,
+        positive_fraction: float,
+        flip_prob: float,
+        seed: int,
+    ):
+        self.decode = {
+            "canvas": canvas,
+            "num_anchors": num_anchors,
+            "rpn_batch_size": rpn_batch_size,
+            "positive_fraction": positive_fraction,
+            "flip_prob": flip_prob,
+        }
+        self.seed = seed
+        self._calls = itertools.count()
+
+    def __call__(self, batch: pa.Table) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        state = np.random.SeedSequence([self.seed, next(self._calls)]).generate_state(1)
+        generator = torch.Generator().manual_seed(int(state[0]))
+        return decode_batch(batch, generator=generator, **self.decode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"decode": self.decode, "seed": self.seed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._calls = itertools.count()
+
+
+def make_collate_fn(model_config: ModelConfig, *, flip_prob: float = 0.0, seed: int = 0):
+    """The collate function for a model configuration (anchor count from its canvas)."""
+    return ShardCollateFn(
+        canvas=model_config.canvas,
+        num_anchors=anchor_grid(model_config.canvas, model_config.anchors).num_anchors,
+        rpn_batch_size=model_config.rpn.batch_size_per_image,
+        positive_fraction=model_config.rpn.positive_fraction,
+        flip_prob=flip_prob,
+        seed=seed,
+    )

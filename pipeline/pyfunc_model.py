@@ -1,0 +1,123 @@
+"""The model as an MLflow pyfunc: a DataFrame of encoded images in, one row of detections each out.
+
+Input: a column ``image`` holding each image file's bytes (JPEG, PNG, ...; base64 text is
+accepted too, as a REST client sends it). Output: one row per image with ``boxes``
+(x1, y1, x2, y2 in the image's own pixels), ``labels``, ``category_ids``, ``category_names``,
+``scores`` and ``masks`` (COCO compressed RLE, ``{"size": [h, w], "counts": str}``).
+Parameter ``score_threshold`` (default 0.5) drops weaker detections.
+
+The artifacts are the model file and its categories JSON; the ``maskrcnn`` and ``pipeline``
+packages travel as code paths, so ``mlflow.pyfunc.load_model`` works in a fresh process.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, Object, Property
+from PIL import Image, ImageOps
+
+from .images import ImageReadError, to_rgb
+from .predict import Detector
+
+INPUT_COLUMN = "image"
+OUTPUT_COLUMNS = ("boxes", "labels", "category_ids", "category_names", "scores", "masks")
+DEFAULT_SCORE_THRESHOLD = 0.5
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+class MaskRCNNPyfunc(mlflow.pyfunc.PythonModel):
+    """Loads the model file from the artifacts once; ``predict`` runs it per image."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        with open(context.artifacts["categories"]) as f:
+            categories = json.load(f)
+        self.detector = Detector.from_file(context.artifacts["model"], categories=categories)
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        if INPUT_COLUMN not in model_input:
+            raise ValueError(f"the input needs a column {INPUT_COLUMN!r} of encoded image bytes")
+        threshold = float((params or {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD))
+        rows = []
+        for i, value in enumerate(model_input[INPUT_COLUMN]):
+            image = decode_image(value, row=i)
+            (detection,) = self.detector.detect([image], score_threshold=threshold)
+            record = self.detector.to_record(detection)
+            rows.append({key: record[key] for key in OUTPUT_COLUMNS})
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def decode_image(value: bytes | str, *, row: int = 0) -> np.ndarray:
+    """HxWx3 uint8 RGB from encoded image bytes or their base64 text."""
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value, validate=True)
+        except binascii.Error as err:
+            raise ValueError(f"row {row}: a str image must be base64 text ({err})") from None
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"row {row}: expected image bytes, got {type(value).__name__}")
+    try:
+        with Image.open(io.BytesIO(value)) as image:
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, ImageReadError) as err:
+        raise ValueError(f"row {row}: not a readable image ({err})") from None
+
+
+def input_example(image_bytes: bytes) -> pd.DataFrame:
+    return pd.DataFrame({INPUT_COLUMN: [image_bytes]})
+
+
+def model_signature() -> ModelSignature:
+    """The input column, the output columns and the ``score_threshold`` parameter."""
+    rle = Object([Property("size", Array("long")), Property("counts", "string")])
+    outputs = Schema([
+        ColSpec(Array(Array("double")), "boxes"),
+        ColSpec(Array("long"), "labels"),
+        ColSpec(Array("long"), "category_ids"),
+        ColSpec(Array("string"), "category_names"),
+        ColSpec(Array("double"), "scores"),
+        ColSpec(Array(rle), "masks"),
+    ])
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
+        outputs=outputs,
+        params=ParamSchema([ParamSpec("score_threshold", "double", DEFAULT_SCORE_THRESHOLD)]),
+    )
+
+
+@contextmanager
+def use_tracking_uri(uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a while, then back (None: leave it as it is).
+
+    ``log_model``, ``load_model("models:/...")`` and the registry's model lookup go through the
+    fluent URI. ``set_tracking_uri`` also exports MLFLOW_TRACKING_URI for subprocesses, and an
+    explicitly set URI always lives in that variable, so the variable is what is restored.
+    """
+    if not uri:
+        yield
+        return
+    previous = os.environ.get(TRACKING_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None: MLflow's default again, variable removed

@@ -1,0 +1,198 @@
+"""Register a trained model in MLflow and decide whether it becomes the champion.
+
+Every new version gets the alias ``challenger`` (the newest candidate). The alias ``champion``
+moves to it only when its segm AP reaches the floor and beats the current champion's, so
+``models:/<name>@champion`` is always the best model seen. Each version carries its eval
+figures as tags (``segm_AP``, ``bbox_AP``), which is where the next comparison reads them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities.model_registry import RegisteredModel
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import maskrcnn
+import pipeline
+
+from .predict import read_model_info
+from .pyfunc_model import MaskRCNNPyfunc, input_example, model_signature, use_tracking_uri
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+SEGM_TAG, BBOX_TAG = "segm_AP", "bbox_AP"
+RUN_METRIC = "eval/segm_AP"  # what evaluate logs; read when a champion lacks the tag
+REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "pillow", "pycocotools", "mlflow")
+
+
+def register(
+    *,
+    model_path: str | os.PathLike,
+    eval_metrics: Mapping[str, Any] | str | os.PathLike,
+    run_info: Mapping[str, str] | str | os.PathLike,
+    model_name: str,
+    min_segm_ap: float,
+    out_path: str | os.PathLike,
+    tracking_uri: str | None = None,
+    categories: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Log the model as a pyfunc to the training run, register a version, set the aliases.
+
+    ``eval_metrics``: evaluate's metrics (dict or metrics.json path); ``run_info``: run.json
+    (dict or path) with ``run_id`` and ``tracking_uri``; ``tracking_uri`` overrides the latter.
+    ``categories`` ([{id, name, label}]) default to those stored in the model file.
+    Returns (and writes to ``out_path``) the decision.
+    """
+    metrics = _read_json(eval_metrics, "eval metrics")
+    run = _read_json(run_info, "run info")
+    if "run_id" not in run:
+        raise ValueError(f"run info {run_info} has no run_id")
+    segm_ap, bbox_ap = _figure(metrics, "segm_AP"), _figure(metrics, "bbox_AP")
+    _, stored_categories = read_model_info(model_path)  # also: the file exists and is a model
+    uri = tracking_uri or run.get("tracking_uri") or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    previous = _champion(client, model_name)
+    # Inside: the registry resolves the logged model's location through the fluent URI too.
+    with use_tracking_uri(uri):
+        logged = _log_pyfunc(model_path, run_id=run["run_id"],
+                             categories=categories or stored_categories or [])
+        if _registered(client, model_name) is None:
+            client.create_registered_model(model_name)
+        new = client.create_model_version(
+            model_name, source=logged.model_uri, run_id=run["run_id"], model_id=logged.model_id,
+            tags={SEGM_TAG: str(segm_ap), BBOX_TAG: str(bbox_ap)},
+        )
+    promote, reason = decide(segm_ap=segm_ap, min_segm_ap=min_segm_ap, champion=previous)
+    client.set_registered_model_alias(model_name, CHALLENGER, new.version)
+    if promote:
+        client.set_registered_model_alias(model_name, CHAMPION, new.version)
+    client.set_model_version_tag(model_name, new.version, "decision", reason)
+    decision = {
+        "model_name": model_name,
+        "version": int(new.version),
+        "model_uri": f"models:/{model_name}/{new.version}",
+        "champion": promote,
+        "reason": reason,
+        "segm_ap": segm_ap,
+        "bbox_ap": bbox_ap,
+        "min_segm_ap": min_segm_ap,
+        "previous_champion": previous,
+        "run_id": run["run_id"],
+    }
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(decision, indent=2) + "\n")
+    log.info("%s version %s: %s", model_name, new.version, reason)
+    return decision
+
+
+def decide(
+    *, segm_ap: float, min_segm_ap: float, champion: Mapping[str, Any] | None
+) -> tuple[bool, str]:
+    """(promote, reason): the floor first, then strictly better than the champion."""
+    if segm_ap < min_segm_ap:
+        return False, f"segm AP {segm_ap:.4f} is below the floor {min_segm_ap:.4f}"
+    if champion is None:
+        return True, f"first model with segm AP {segm_ap:.4f} >= floor {min_segm_ap:.4f}"
+    best = champion.get("segm_ap")
+    if best is None:
+        return True, f"champion version {champion['version']} has no recorded segm AP"
+    if segm_ap > best:
+        return True, (f"segm AP {segm_ap:.4f} beats champion version {champion['version']} "
+                      f"({best:.4f})")
+    return False, (f"segm AP {segm_ap:.4f} does not beat champion version "
+                   f"{champion['version']} ({best:.4f})")
+
+
+def _registered(client: MlflowClient, name: str) -> RegisteredModel | None:
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
+def _champion(client: MlflowClient, name: str) -> dict[str, Any] | None:
+    """The current champion's version, run and segm AP (tag, else its run's metric)."""
+    model = _registered(client, name)
+    if model is None or CHAMPION not in model.aliases:
+        return None
+    current = client.get_model_version(name, model.aliases[CHAMPION])
+    segm_ap: float | None = None
+    if SEGM_TAG in current.tags:
+        segm_ap = float(current.tags[SEGM_TAG])
+    elif current.run_id:
+        segm_ap = client.get_run(current.run_id).data.metrics.get(RUN_METRIC)
+    return {"version": int(current.version), "segm_ap": segm_ap, "run_id": current.run_id}
+
+
+def _log_pyfunc(
+    model_path: str | os.PathLike, *, run_id: str, categories: list
+) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc into run ``run_id`` (as an MLflow 3 logged model linked to the run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        categories_path = Path(tmp) / "categories.json"
+        categories_path.write_text(json.dumps(categories, indent=1))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=MaskRCNNPyfunc(),
+                artifacts={"model": str(model_path), "categories": str(categories_path)},
+                code_paths=[str(Path(package.__file__).parent) for package in (maskrcnn, pipeline)],
+                signature=model_signature(),
+                input_example=input_example(example_image()),
+                pip_requirements=_requirements(),
+            )
+    return info
+
+
+def example_image() -> bytes:
+    """A small PNG (a bright square on grey) for the model's input example."""
+    pixels = np.full((48, 64, 3), 96, np.uint8)
+    pixels[12:36, 20:44] = (230, 80, 40)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _requirements() -> list[str]:
+    """Pinned to what is installed here (local version labels such as +cu130 dropped)."""
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def _read_json(source: Mapping[str, Any] | str | os.PathLike, what: str) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    try:
+        return json.loads(Path(source).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{source}: cannot read the {what} ({err})") from err
+
+
+def _figure(metrics: Mapping[str, Any], key: str) -> float:
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"eval metrics have no number {key!r} (got {value!r})")
+    return float(value)

@@ -1,0 +1,60 @@
+"""Learning-rate schedule: linear warmup, then step decay or cosine decay.
+
+The factor is a pure function of the optimizer step, so a resumed run lands on exactly the
+learning rate it would have had, whatever the scheduler state holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.train_config import TrainSettings
+
+
+def lr_factor(
+    step: int,
+    *,
+    schedule: str,
+    steps: int,
+    warmup_steps: int,
+    warmup_factor: float,
+    milestones: tuple[int, ...] = (),
+    gamma: float = 0.1,
+) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
+
+    Warmup ramps linearly from ``warmup_factor`` at step 0 to 1 at ``warmup_steps``; it
+    multiplies the main schedule (multistep: ``gamma`` per milestone passed; cosine: from 1 at
+    step 0 to 0 at ``steps``), as in detectron2's ``WarmupParamScheduler``.
+    """
+    if schedule == "multistep":
+        main = gamma ** sum(1 for m in milestones if step >= m)
+    elif schedule == "cosine":
+        main = 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r} (multistep or cosine)")
+    if step < warmup_steps:
+        alpha = step / warmup_steps
+        main *= warmup_factor * (1.0 - alpha) + alpha
+    return main
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, settings: TrainSettings
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over ``optimizer`` (whose lr is the peak lr) following ``settings``."""
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step,
+            schedule=settings.schedule,
+            steps=settings.steps,
+            warmup_steps=settings.warmup_steps,
+            warmup_factor=settings.warmup_factor,
+            milestones=settings.milestones,
+            gamma=settings.gamma,
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,342 @@
+"""The function every Ray Train worker runs: DDP Mask R-CNN training over Ray Data shards.
+
+Steps are optimizer steps counted over the whole run (one step = ``grad_accum`` batches on
+every worker). A checkpoint every ``checkpoint_every`` steps (and at the end) carries the model,
+optimizer, scheduler, scaler, step, RNG states and data position; a restarted worker group
+(after a failure, or a rerun of the driver with the same run name) resumes from the latest one
+through ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from maskrcnn.checkpoints import load_imagenet_backbone, load_torchvision_maskrcnn
+from maskrcnn.config import ModelConfig
+from maskrcnn.model import MaskRCNN
+from pipeline.loader import make_collate_fn
+from pipeline.schedule import make_scheduler
+from pipeline.tracking import RunRef, attached_run, log_metrics
+from pipeline.train_config import TrainSettings
+from pipeline.train_progress import LOSS_NAMES, ThroughputMeter, progress_line
+from pipeline.train_state import Progress, read_checkpoint, write_checkpoint
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SHUFFLE_BUFFER_BATCHES = 8  # rows shuffled on each worker, in batches: cheap, and enough
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point. ``config``: ``settings`` and ``model`` (dicts), ``run`` (RunRef
+    fields or None), optional ``fault`` (see :func:`_maybe_fail`). Rank 0 returns a summary."""
+    settings = TrainSettings.from_dict(config["settings"])
+    model_config = ModelConfig.from_dict(config["model"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if not settings.use_gpu:
+        torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+
+    trainer = _Trainer(settings=settings, model_config=model_config, rank=rank, world=world)
+    resumed_from = trainer.restore(ray.train.get_checkpoint())
+    run = RunRef(**config["run"]) if config.get("run") and rank == 0 else None
+    tracking = attached_run(run) if run else contextlib.nullcontext()
+    with tracking as client:
+        trainer.fit(
+            ray.train.get_dataset_shard("train"),
+            log_fn=(lambda m, step: log_metrics(client, run, m, step=step)) if run else None,
+            fault=config.get("fault"),
+        )
+    return {"resumed_from": resumed_from, **trainer.summary(), "replicas": trainer.replicas()}
+
+
+class _Trainer:
+    """Model, optimizer and progress of one worker; ``fit`` runs steps until ``settings.steps``."""
+
+    def __init__(
+        self, *, settings: TrainSettings, model_config: ModelConfig, rank: int, world: int
+    ) -> None:
+        self.settings, self.rank, self.world = settings, rank, world
+        self.model_config = model_config
+        self.device = ray.train.torch.get_device()
+        _seed_everything(settings.seed)  # identical initial weights on every rank
+        self.module = MaskRCNN(model_config).to(self.device)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(
+            self.params,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+        )
+        self.scheduler = make_scheduler(self.optimizer, settings)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
+        self.progress = Progress()
+        self.meter = ThroughputMeter()
+        self.model: torch.nn.Module = self.module
+
+    def restore(self, checkpoint: ray.train.Checkpoint | None) -> int:
+        """Load the latest checkpoint (every rank) or the initial weights (rank 0), then wrap
+        the model for DDP, which broadcasts rank 0's weights; return the step resumed from."""
+        if checkpoint is None:
+            self._load_initial_weights()
+        else:
+            with checkpoint.as_directory() as directory:
+                self.progress = read_checkpoint(
+                    directory,
+                    rank=self.rank,
+                    model=self.module,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    scaler=self.scaler,
+                )
+            if self.rank == 0:
+                p = self.progress
+                log.info(
+                    "resuming from step %d (epoch %d, batch %d of the epoch)",
+                    p.step,
+                    p.epoch,
+                    p.batch_in_epoch,
+                )
+        self.model = ray.train.torch.prepare_model(self.module)
+        # New draws after a restart, not a replay of the failed attempt's random stream.
+        self.collate = make_collate_fn(
+            self.model_config,
+            flip_prob=self.settings.flip_prob,
+            seed=_stream_seed(self.settings.seed, self.rank, self.progress.step),
+        )
+        return self.progress.step
+
+    def _load_initial_weights(self) -> None:
+        """Only rank 0 needs the weights file: wrapping for DDP copies its weights to all."""
+        s = self.settings
+        if s.init == "none" or self.rank != 0:
+            return
+        load = load_imagenet_backbone if s.init == "imagenet" else load_torchvision_maskrcnn
+        result = load(self.module, s.weights_path)
+        log.info(
+            "initialised from %s (%s): %d tensors. %s",
+            s.weights_path,
+            s.init,
+            result.loaded,
+            result.note,
+        )
+
+    def fit(self, shard: Any, *, log_fn: Any, fault: dict[str, Any] | None) -> None:
+        s = self.settings
+        window = _LossWindow(self.device)
+        self.model.train()
+        micro = 0
+        while self.progress.step < s.steps:
+            for images, targets, wait_s in self._epoch_batches(shard):
+                micro += 1
+                sync = micro == s.grad_accum
+                window.add(self._forward_backward(images, targets, sync=sync))
+                self.meter.add(images=images.shape[0] * self.world, wait_s=wait_s)
+                if not sync:
+                    continue
+                micro = 0
+                self._optimizer_step()
+                step = self.progress.step
+                if step % s.log_every == 0 or step == s.steps:
+                    self._log(window.reduce(self.world), log_fn)
+                if step % s.checkpoint_every == 0 or step == s.steps:
+                    self._checkpoint()
+                _maybe_fail(fault, step=step, rank=self.rank)
+                if step >= s.steps:
+                    return
+            self.progress.epoch += 1
+            self.progress.batch_in_epoch = 0
+
+    def _epoch_batches(self, shard: Any) -> Iterator[tuple[torch.Tensor, list, float]]:
+        """This epoch's batches on the device, with the seconds spent waiting for each;
+        batches already consumed before a resume are skipped."""
+        skip, seen = self.progress.batch_in_epoch, 0
+        batch = self.settings.batch_per_worker
+        batches = shard.iter_torch_batches(
+            batch_size=batch,
+            collate_fn=self.collate,
+            drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch,
+            local_shuffle_seed=_stream_seed(self.settings.seed, self.rank, self.progress.epoch),
+        )
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                images, targets = next(iterator)
+            except StopIteration:
+                break
+            seen += 1
+            if seen <= skip:
+                continue
+            images = images.to(self.device, non_blocking=True)
+            targets = [
+                {k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets
+            ]
+            self.progress.batch_in_epoch = seen
+            yield images, targets, time.perf_counter() - start
+        if seen == 0:
+            raise ValueError(
+                f"rank {self.rank}: its share of the train shards holds fewer than "
+                f"batch_per_worker={self.settings.batch_per_worker} images"
+            )
+
+    def _forward_backward(
+        self, images: torch.Tensor, targets: list, *, sync: bool
+    ) -> dict[str, float]:
+        s = self.settings
+        no_sync = self.world > 1 and not sync and hasattr(self.model, "no_sync")
+        autocast = (
+            torch.autocast(self.device.type, dtype=AMP_DTYPES[s.amp])
+            if s.amp != "none"
+            else contextlib.nullcontext()
+        )
+        with self.model.no_sync() if no_sync else contextlib.nullcontext(), autocast:
+            losses = self.model(images, targets)
+            loss = sum(losses.values())
+        self.scaler.scale(loss / s.grad_accum).backward()
+        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+
+    def _optimizer_step(self) -> None:
+        if self.settings.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.progress.step += 1
+
+    def _log(self, losses: dict[str, float], log_fn: Any) -> None:
+        step, s = self.progress.step, self.settings
+        images_per_s, wait = self.meter.window()
+        lr = self.optimizer.param_groups[0]["lr"]
+        row = {"step": step, "lr": lr, **losses, "images_per_s": images_per_s, "data_wait": wait}
+        self.progress.history.append(row)
+        if self.rank != 0:
+            return
+        eta = (s.steps - step) * s.global_batch / max(images_per_s, 1e-9)
+        log.info(
+            progress_line(
+                step=step,
+                steps=s.steps,
+                losses=losses,
+                lr=lr,
+                images_per_s=images_per_s,
+                data_wait=wait,
+                eta_s=eta,
+            )
+        )
+        if log_fn:
+            log_fn({k: v for k, v in row.items() if k != "step"}, step)
+
+    def _checkpoint(self) -> None:
+        """Every rank reports (Ray Train needs the same number of reports from each); each
+        writes its own part and Ray merges the parts into one checkpoint directory."""
+        metrics = {"step": self.progress.step, "epoch": self.progress.epoch}
+        if self.progress.history:
+            metrics["loss"] = self.progress.history[-1]["loss"]
+        with tempfile.TemporaryDirectory() as directory:
+            write_checkpoint(
+                directory,
+                rank=self.rank,
+                model=self.module,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                progress=self.progress,
+            )
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
+            )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "step": self.progress.step,
+            "epoch": self.progress.epoch,
+            "history": self.progress.history,
+            **self.meter.overall(),
+        }
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Each rank's node and a digest of its weights, gathered on every rank: DDP keeps
+        replicas bitwise identical, so one digest that differs means a broken run."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        mine = {
+            "rank": self.rank,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "state_sha256": digest.hexdigest(),
+        }
+        if self.world == 1:
+            return [mine]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+
+class _LossWindow:
+    """Loss sums since the last log, averaged over steps and ranks when reduced."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, losses: dict[str, float]) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def reduce(self, world: int) -> dict[str, float]:
+        names = ["loss", *LOSS_NAMES]
+        values = [self.sums.get(k, 0.0) for k in names] + [self.count]
+        totals = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if world > 1:
+            dist.all_reduce(totals)
+        values = totals.tolist()
+        self.sums, self.count = {}, 0
+        return {k: v / values[-1] for k, v in zip(names, values[:-1], strict=True)}
+
+
+def _maybe_fail(fault: dict[str, Any] | None, *, step: int, rank: int) -> None:
+    """Fault drill: ``{"step", "rank", "marker"}`` kills that rank's process right after that
+    step, once (the marker file records that it happened)."""
+    if not fault or step != fault["step"] or rank != fault["rank"]:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} after step {step}\n")
+    log.warning("fault drill: killing rank %d after step %d", rank, step)
+    os._exit(1)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _stream_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])

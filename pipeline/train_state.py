@@ -1,0 +1,129 @@
+"""What a training checkpoint holds, and how a worker writes and restores it.
+
+A checkpoint directory (one per reported step, merged by Ray from every rank) holds:
+
+- ``model_state.pt``: the model's state dict (rank 0);
+- ``train_state.pt``: optimizer, scheduler, grad scaler and :class:`Progress` (rank 0);
+- ``rng_rank<r>.pt``: the Python, NumPy and torch RNG states of rank ``r`` (every rank).
+
+DDP keeps the model and optimizer identical on every rank, so rank 0's copy restores all of
+them; the random streams differ per rank, so each rank keeps its own.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+MODEL_FILE = "model_state.pt"
+STATE_FILE = "train_state.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+@dataclass(kw_only=True)
+class Progress:
+    """Where training stands: optimizer steps done, the data position, and the loss curve.
+
+    ``batch_in_epoch`` counts the batches this rank has consumed in ``epoch``; a resumed run
+    skips that many batches of the epoch's stream (the stream's order is Ray Data's, so the
+    skipped batches are the same ones only when the order is deterministic: best effort).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Progress:
+        return cls(**data)
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(
+    directory: Path,
+    *,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    progress: Progress,
+) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (``model`` unwrapped)."""
+    directory = Path(directory)
+    if rank == 0:
+        torch.save(model.state_dict(), directory / MODEL_FILE)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "progress": asdict(progress),
+            },
+            directory / STATE_FILE,
+        )
+    torch.save(capture_rng(), directory / rng_file(rank))
+
+
+def read_checkpoint(
+    directory: Path,
+    *,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> Progress:
+    """Restore everything ``write_checkpoint`` saved; return where training stands.
+
+    A rank without its own RNG file (the run was resumed with more workers) keeps the
+    random state it was seeded with.
+    """
+    directory = Path(directory)
+    for name in (MODEL_FILE, STATE_FILE):
+        if not (directory / name).exists():
+            raise ValueError(f"checkpoint {directory} has no {name}: not a training checkpoint")
+    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu"))
+    # Our own files, holding Python and NumPy RNG tuples: not loadable with weights_only.
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    rng_path = directory / rng_file(rank)
+    if rng_path.exists():
+        restore_rng(torch.load(rng_path, weights_only=False))
+    return Progress.from_dict(state["progress"])
+
+
+def read_progress(directory: Path) -> Progress:
+    """Only the progress of a checkpoint (for the driver)."""
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    return Progress.from_dict(state["progress"])

@@ -1,0 +1,189 @@
+"""The shard loader: model inputs as docs/design.md says, flips, fresh RPN samples, Ray Data."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from maskrcnn.anchors import anchor_grid
+from maskrcnn.config import ModelConfig
+from pipeline.coco import instance_masks, read_coco
+from pipeline.loader import decode_batch, iter_batches, make_collate_fn
+from pipeline.masks import masks_to_boxes
+from pipeline.preprocess import encode_record
+from pipeline.shards import SplitWriter, rows_to_table, shard_metadata, shard_paths
+
+CONFIG = ModelConfig(num_classes=6, canvas=128)
+S = CONFIG.canvas
+NUM_ANCHORS = anchor_grid(S, CONFIG.anchors).num_anchors
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def split(shapes_dataset, tmp_path_factory):
+    """The synthetic train split as shards (written without Ray), and its COCO records."""
+    root, summary = shapes_dataset
+    index = read_coco(
+        root / summary["train"]["annotation_file"], root / summary["train"]["images_dir"]
+    )
+    out = tmp_path_factory.mktemp("loader") / "train"
+    metadata = shard_metadata(
+        model_config=CONFIG,
+        categories=index.categories,
+        annotation_sha256=index.sha256,
+        split="train",
+        image_format="png",
+    )
+    with SplitWriter(out, metadata=metadata, rows_per_shard=6) as writer:
+        for record in index.records:
+            row = encode_record(record, model_config=CONFIG, image_format="png", jpeg_quality=95)
+            writer.add(rows_to_table([row]))
+        writer.finish({"images": len(index.records)})
+    return out, {r.image_id: r for r in index.records}
+
+
+@pytest.fixture(scope="module")
+def table(split):
+    return pq.read_table(shard_paths(split[0])[0])
+
+
+def _decode(batch, *, flip_prob=0.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return decode_batch(
+        batch, canvas=S, num_anchors=NUM_ANCHORS, flip_prob=flip_prob, generator=generator
+    )
+
+
+def test_batch_matches_the_model_input_contract(table, split):
+    images, targets = _decode(table)
+    assert images.dtype == torch.uint8 and images.shape == (table.num_rows, 3, S, S)
+    for i, row in enumerate(table.to_pylist()):
+        record = split[1][row["image_id"]]
+        pixels = np.array(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+        h, w = pixels.shape[:2]
+        assert torch.equal(images[i, :, :h, :w], torch.from_numpy(pixels).permute(2, 0, 1))
+        assert images[i, :, h:].sum() == 0 and images[i, :, :, w:].sum() == 0
+        target = targets[i]
+        keep = ~np.array(row["iscrowd"], dtype=bool)
+        assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (keep.sum(), 4)
+        np.testing.assert_array_equal(target["boxes"], np.array(row["boxes"]).reshape(-1, 4)[keep])
+        assert target["labels"].dtype == torch.int64
+        assert target["labels"].tolist() == np.array(row["labels"])[keep].tolist()
+        assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (keep.sum(), S, S)
+        expected = instance_masks(record, scale=row["scale"])[keep]
+        assert torch.equal(target["masks"][:, :h, :w], torch.from_numpy(expected))
+        assert target["masks"][:, h:].sum() == 0 and target["masks"][:, :, w:].sum() == 0
+        rpn = {
+            k: (target[k].dtype, tuple(target[k].shape))
+            for k in ("rpn_idx", "rpn_labels", "rpn_deltas")
+        }
+        assert rpn == {
+            "rpn_idx": (torch.int64, (256,)),
+            "rpn_labels": (torch.float32, (256,)),
+            "rpn_deltas": (torch.float32, (256, 4)),
+        }
+    assert any(any(r) for r in table["iscrowd"].to_pylist()), "the fixture should hold a crowd"
+
+
+def _check_rpn_sample(target, pos, deltas, ignore):
+    labels, idx = target["rpn_labels"], target["rpn_idx"]
+    positives = idx[labels == 1].tolist()
+    assert set(positives) <= set(pos) and len(positives) == min(len(pos), 128)
+    assert not set(idx[labels == 0].tolist()) & (set(pos) | set(ignore))
+    assert (labels >= 0).sum() == 256
+    lookup = {a: d for a, d in zip(pos, deltas, strict=True)}
+    for anchor, delta in zip(positives, target["rpn_deltas"][labels == 1], strict=True):
+        np.testing.assert_allclose(delta, lookup[anchor], rtol=0, atol=1e-6)
+
+
+def _same_samples(first, second) -> bool:
+    pairs = zip(first, second, strict=True)
+    return all(torch.equal(a["rpn_idx"], b["rpn_idx"]) for a, b in pairs)
+
+
+def test_rpn_sample_comes_from_the_stored_pools_and_is_fresh(table):
+    _, first = _decode(table, seed=1)
+    _, second = _decode(table, seed=2)
+    rows = table.to_pylist()
+    for row, target in zip(rows, first, strict=True):
+        _check_rpn_sample(target, row["rpn_pos"], row["rpn_pos_deltas"], row["rpn_ignore"])
+    assert not _same_samples(first, second)
+
+
+def test_flip_mirrors_image_masks_boxes_within_the_image_width(table):
+    plain_images, plain = _decode(table)
+    images, targets = _decode(table, flip_prob=1.0)
+    for i, row in enumerate(table.to_pylist()):
+        w = Image.open(io.BytesIO(row["image"])).width
+        assert torch.equal(images[i, :, :, :w], plain_images[i, :, :, :w].flip(-1))
+        assert torch.equal(targets[i]["masks"][:, :, :w], plain[i]["masks"][:, :, :w].flip(-1))
+        x1, y1, x2, y2 = plain[i]["boxes"].unbind(1)
+        mirrored = torch.stack([w - x2, y1, w - x1, y2], 1)
+        torch.testing.assert_close(targets[i]["boxes"], mirrored, rtol=0, atol=1e-5)
+        mask_boxes = masks_to_boxes(plain[i]["masks"].numpy())
+        mask_boxes[:, [0, 2]] = w - mask_boxes[:, [2, 0]]
+        np.testing.assert_array_equal(masks_to_boxes(targets[i]["masks"].numpy()), mask_boxes)
+        _check_rpn_sample(
+            targets[i], row["rpn_flip_pos"], row["rpn_flip_pos_deltas"], row["rpn_flip_ignore"]
+        )
+
+
+def test_numpy_batches_as_ray_gives_them_decode_like_arrow(table):
+    numpy_batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    images_a, targets_a = _decode(table, flip_prob=0.5, seed=4)
+    images_b, targets_b = _decode(numpy_batch, flip_prob=0.5, seed=4)
+    assert torch.equal(images_a, images_b)
+    for a, b in zip(targets_a, targets_b, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_iterator_covers_every_image_once_in_a_seeded_order(split):
+    out, records = split
+
+    def order(seed):
+        batches = list(
+            iter_batches(out, batch_size=5, model_config=CONFIG, shuffle=True, seed=seed)
+        )
+        assert [len(t) for _, t in batches] == [5, 5, 5, 1]
+        return [tuple(t["boxes"].flatten().tolist()) for _, ts in batches for t in ts]
+
+    first = order(0)
+    assert len(first) == len(records)
+    assert order(0) == first and order(1) != first
+    assert sorted(first) == sorted(order(1))
+
+
+def test_shards_for_another_canvas_are_refused(split):
+    other = ModelConfig(num_classes=6, canvas=192)
+    with pytest.raises(ValueError, match=rf"{split[0]}.*canvas 128.*canvas 192"):
+        next(iter_batches(split[0], batch_size=2, model_config=other))
+
+
+def test_collate_fn_pickles_and_decodes_arrow_batches_as_ray_passes_them(table):
+    collate, twin = (
+        pickle.loads(pickle.dumps(make_collate_fn(CONFIG, flip_prob=0.5, seed=7))) for _ in "ab"
+    )
+    assert isinstance(collate, ArrowBatchCollateFn)  # so iter_torch_batches hands it Arrow
+    images, targets = collate(table)
+    twin_images, twin_targets = twin(table)
+    assert torch.equal(images, twin_images) and _same_samples(targets, twin_targets)
+    plain, _ = _decode(table)
+    calls = [images] + [collate(table)[0] for _ in range(3)]
+    flipped = [not torch.equal(a, b) for batch in calls for a, b in zip(batch, plain, strict=True)]
+    assert 0.2 < sum(flipped) / len(flipped) < 0.8  # flip_prob=0.5, drawn per image
+    _, following = collate(table)  # the next call draws new samples
+    assert not _same_samples(targets, following)

@@ -1,0 +1,128 @@
+"""Predict: letterboxing as preprocess does, mapping back to the image, and the CLI's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from maskrcnn.checkpoints import save_model
+from maskrcnn.config import ModelConfig
+from maskrcnn.model import MaskRCNN
+from pipeline.images import resized_size
+from pipeline.masks import decode_rle
+from pipeline.predict import Detector, letterbox
+from pipeline.preprocess import canvas_scale as preprocess_scale
+from stages.predict import main
+
+CATEGORIES = [{"id": 4, "name": "circle", "label": 1}, {"id": 9, "name": "square", "label": 2}]
+
+
+def tiny_config(**roi) -> ModelConfig:
+    return ModelConfig.from_dict({
+        "num_classes": 3, "backbone": "resnet18", "canvas": 64, "fpn_channels": 16,
+        "roi": {"representation_size": 32, "mask_layers": [16], **roi},
+        "rpn": {"pre_nms_top_n_test": 50, "post_nms_top_n_test": 20},
+    })
+
+
+class WholeImageModel(nn.Module):
+    """Stand-in with the eval output contract: one detection covering the resized image,
+    found as the non-zero region of the canvas (so it checks the letterbox placement too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = tiny_config()
+        self.seen: torch.Tensor | None = None
+
+    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        self.seen = images
+        out = []
+        for image in images:
+            filled = image.amax(dim=0) > 0
+            rows, cols = filled.any(dim=1).nonzero(), filled.any(dim=0).nonzero()
+            h, w = int(rows.max()) + 1, int(cols.max()) + 1
+            mask = torch.zeros((1, 1, 64, 64))
+            mask[..., :h, :w] = 1.0
+            out.append({"boxes": torch.tensor([[0.0, 0.0, w, h]]), "labels": torch.tensor([2]),
+                        "scores": torch.tensor([0.9]), "masks": mask})
+        return out
+
+
+def _image(height: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(height * width)
+    return rng.integers(1, 256, (height, width, 3), dtype=np.uint8)  # no zero pixel
+
+
+def test_letterbox_matches_preprocess():
+    for height, width in ((100, 150), (150, 100), (37, 64), (640, 480)):
+        resized, scale = letterbox(_image(height, width), 64)
+        assert scale == preprocess_scale(height, width, 64)
+        assert resized.shape[:2] == resized_size(height, width, scale)
+        assert max(resized.shape[:2]) == 64
+
+
+def test_detections_come_back_in_the_images_own_pixels():
+    stand_in = WholeImageModel()
+    detector = Detector(stand_in, categories=CATEGORIES)
+    (detection,) = detector.detect([_image(100, 150)], score_threshold=0.5)
+    assert stand_in.seen.shape == (1, 3, 64, 64)
+    assert stand_in.seen[0, :, 43:, :].abs().sum() == 0  # padded below the 43 x 64 image
+    assert np.allclose(detection["boxes"], [[0, 0, 150, 100]], atol=1.0)
+    assert detection["masks"].shape == (1, 100, 150) and detection["masks"].all()
+    record = detector.to_record(detection)
+    assert record["category_ids"] == [9] and record["category_names"] == ["square"]
+    assert decode_rle(record["masks"][0]["counts"], 100, 150).all()
+    assert detector.detect([_image(100, 150)], score_threshold=0.95)[0]["scores"].size == 0
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("predict") / "model.pt"
+    save_model(MaskRCNN(tiny_config(score_thresh=0.0)), path)
+    return path
+
+
+def test_cli_writes_detections_and_overlays(model_file, tmp_path):
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.jpg"
+    Image.fromarray(_image(90, 160)).save(wide)
+    Image.fromarray(_image(120, 70)).save(tall, quality=90)
+    out = tmp_path / "out"
+    main(["--model", str(model_file), "--out", str(out), "--score-threshold", "0.0",
+          "--batch-size", "2", str(wide), str(tall)])
+    records = json.loads((out / "detections.json").read_text())
+    assert [r["file"] for r in records] == [str(wide), str(tall)]
+    for record, (height, width) in zip(records, ((90, 160), (120, 70)), strict=True):
+        assert (record["height"], record["width"]) == (height, width)
+        n = len(record["scores"])
+        assert n > 0  # random init with score threshold 0: the model keeps proposals
+        assert len(record["boxes"]) == len(record["masks"]) == len(record["labels"]) == n
+        assert all(m["size"] == [height, width] for m in record["masks"])
+        assert all(0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+                   for x1, y1, x2, y2 in record["boxes"])
+        assert set(record["category_names"]) <= {"class 1", "class 2"}  # file has no names
+        with Image.open(record["overlay"]) as overlay:
+            assert overlay.size == (width, height)
+
+
+def test_cli_errors_name_the_problem(model_file, tmp_path, capsys):
+    image = tmp_path / "ok.png"
+    Image.fromarray(_image(30, 40)).save(image)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    cases = [
+        (["--model", str(model_file), str(tmp_path / "missing.png")], "missing.png"),
+        (["--model", str(model_file), str(broken)], "broken.png"),
+        (["--model", str(tmp_path / "nope.pt"), str(image)], "nope.pt"),
+        (["--model", str(image), str(image)], "cannot read a model file"),
+    ]
+    for args, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--out", str(tmp_path / "out")])
+        assert expected in str(exit_info.value), args
+    assert not (tmp_path / "out" / "detections.json").exists()

@@ -1,0 +1,205 @@
+"""The preprocess stage on Ray Data: the shard contract, skips, determinism and atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from maskrcnn.anchors import anchor_grid
+from maskrcnn.config import ModelConfig
+from maskrcnn.rpn_targets import build_rpn_targets
+from pipeline import shards
+from pipeline.coco import DataError
+from pipeline.loader import iter_batches, make_collate_fn, ray_dataset
+from pipeline.masks import decode_rle, masks_to_boxes
+from pipeline.preprocess import preprocess_split
+
+CONFIG = ModelConfig(num_classes=6, canvas=128)
+BOXES = pa.list_(pa.list_(pa.float32(), 4))
+CONTRACT = {  # ARCHITECTURE.md, "Shard format (contract)", plus the stored flipped targets
+    "image_id": pa.int64(),
+    "file_name": pa.string(),
+    "height": pa.int32(),
+    "width": pa.int32(),
+    "scale": pa.float32(),
+    "image": pa.binary(),
+    "boxes": BOXES,
+    "labels": pa.list_(pa.int32()),
+    "iscrowd": pa.list_(pa.bool_()),
+    "masks": pa.list_(pa.binary()),
+    "rpn_pos": pa.list_(pa.int32()),
+    "rpn_pos_deltas": BOXES,
+    "rpn_ignore": pa.list_(pa.int32()),
+    "rpn_flip_pos": pa.list_(pa.int32()),
+    "rpn_flip_pos_deltas": BOXES,
+    "rpn_flip_ignore": pa.list_(pa.int32()),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_runtime():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _preprocess(source, out_dir, **kwargs) -> dict:
+    return preprocess_split(
+        annotation_file=source["annotation_file"],
+        images_dir=source["images_dir"],
+        out_dir=out_dir,
+        model_config=kwargs.pop("model_config", CONFIG),
+        rows_per_shard=kwargs.pop("rows_per_shard", 5),
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def source(shapes_dataset) -> dict:
+    root, summary = shapes_dataset
+    train = summary["train"]
+    return {
+        **train,
+        "annotation_file": root / train["annotation_file"],
+        "images_dir": root / train["images_dir"],
+    }
+
+
+@pytest.fixture(scope="module")
+def train_split(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "train"
+    return out, _preprocess(source, out)
+
+
+def test_plain_pyarrow_reads_the_contract_schema_and_metadata(train_split, source):
+    out, manifest = train_split
+    dataset = pq.ParquetDataset(sorted(out.glob("part-*.parquet")))
+    schema = dataset.schema
+    assert {name: schema.field(name).type for name in schema.names} == CONTRACT
+    table = dataset.read()
+    assert table["image_id"].to_pylist() == sorted(table["image_id"].to_pylist())
+    metadata = json.loads(schema.metadata[b"maskrcnn"])
+    digest = hashlib.sha256(source["annotation_file"].read_bytes()).hexdigest()
+    assert metadata["annotation_sha256"] == digest
+    assert metadata["canvas"] == 128 and metadata["split"] == "train"
+    assert metadata["anchor_config_hash"] == shards.model_anchor_hash(CONFIG)
+    assert metadata["num_anchors"] == anchor_grid(128, CONFIG.anchors).num_anchors
+    original = json.loads(source["annotation_file"].read_text())["categories"]
+    assert [(c["id"], c["name"]) for c in metadata["categories"]] == sorted(
+        (c["id"], c["name"]) for c in original
+    )
+    assert [c["label"] for c in metadata["categories"]] == list(range(1, len(original) + 1))
+    assert {k: manifest[k] for k in metadata} == metadata
+    counts = manifest["counts"]
+    assert (counts["images"], counts["instances"], counts["crowd"], counts["skipped"]) == (
+        source["images"],
+        source["instances"],
+        source["crowd"],
+        [],
+    )
+    assert table.num_rows == source["images"] and counts["shards"] == 4
+
+
+def test_rows_hold_the_resized_image_masks_boxes_and_both_rpn_targets(train_split):
+    out, _ = train_split
+    grid = anchor_grid(128, CONFIG.anchors)
+    for row in pq.read_table(out / "part-00001.parquet").to_pylist():
+        image = Image.open(io.BytesIO(row["image"]))
+        h, w = (round(row["height"] * row["scale"]), round(row["width"] * row["scale"]))
+        assert (image.height, image.width) == (h, w) and max(h, w) == 128
+        masks = np.stack([decode_rle(c, h, w) for c in row["masks"]]) if row["masks"] else None
+        boxes = np.array(row["boxes"], np.float32).reshape(-1, 4)
+        if masks is not None:  # the mask's extent is the box, up to one original pixel
+            np.testing.assert_allclose(masks_to_boxes(masks), boxes, atol=1 + row["scale"])
+        crowd = torch.tensor(row["iscrowd"], dtype=torch.bool)
+        flipped = boxes.copy()
+        flipped[:, [0, 2]] = w - boxes[:, [2, 0]]
+        for prefix, b in (("rpn_", boxes), ("rpn_flip_", flipped)):
+            expected = build_rpn_targets(grid, torch.from_numpy(b), crowd, CONFIG.rpn)
+            assert row[prefix + "pos"] == expected.pos.tolist()
+            assert row[prefix + "ignore"] == expected.ignore.tolist()
+
+
+def test_same_input_gives_byte_identical_shards(train_split, source, tmp_path):
+    out, _ = train_split
+    _preprocess(source, tmp_path / "train")
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "train").iterdir()} == first
+
+
+def test_unusable_images_are_counted_skips_with_their_reason(source, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(source["images_dir"], images)
+    files = sorted(images.iterdir())
+    files[0].unlink()
+    files[1].write_bytes(files[1].read_bytes()[:64])  # truncated
+    manifest = _preprocess({**source, "images_dir": images}, tmp_path / "train")
+    skipped = manifest["counts"]["skipped"]
+    assert [s["file"] for s in skipped] == [str(files[0]), str(files[1])]
+    assert "not found" in skipped[0]["reason"] and "image_id=1" in skipped[0]["record"]
+    assert "truncated" in skipped[1]["reason"]
+    assert manifest["counts"]["images"] == source["images"] - 2
+    ids = pq.read_table(tmp_path / "train" / "part-00000.parquet")["image_id"].to_pylist()
+    assert ids[:2] == [3, 4]
+
+
+def test_a_split_without_a_readable_image_is_an_error(source, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(DataError, match="no usable images"):
+        _preprocess({**source, "images_dir": images}, tmp_path / "train")
+    assert not (tmp_path / "train").exists()
+
+
+def test_interrupted_run_leaves_only_complete_shards(source, tmp_path, monkeypatch):
+    written = []
+
+    def write_two_then_fail(table, path, metadata):
+        if len(written) == 2:
+            path.with_name(path.name + ".tmp-x").write_bytes(b"PAR1 half")
+            raise OSError("killed while writing")
+        written.append(path.name)
+        return real_write(table, path, metadata)
+
+    real_write = shards.write_shard
+    monkeypatch.setattr(shards, "write_shard", write_two_then_fail)
+    with pytest.raises(OSError, match="killed"):
+        _preprocess(source, tmp_path / "train")
+    assert written == ["part-00000.parquet", "part-00001.parquet"]
+    assert list(tmp_path.rglob("*")) == []  # scratch directory and its parts removed
+
+
+def test_png_images_are_lossless(source, tmp_path):
+    _preprocess(source, tmp_path / "train", image_format="png", rows_per_shard=64)
+    row = pq.read_table(tmp_path / "train" / "part-00000.parquet").slice(0, 1).to_pylist()[0]
+    image = Image.open(io.BytesIO(row["image"]))
+    assert image.format == "PNG"
+    original = Image.open(source["images_dir"] / row["file_name"]).convert("RGB")
+    size = (image.width, image.height)
+    assert np.array_equal(np.asarray(image), np.asarray(original.resize(size, Image.BILINEAR)))
+
+
+def test_shards_feed_ray_data_iter_torch_batches_like_the_local_iterator(train_split):
+    out, _ = train_split
+    dataset = ray_dataset(out, model_config=CONFIG)
+    dataset.context.execution_options.preserve_order = True
+    collate = make_collate_fn(CONFIG, seed=7)
+    through_ray = list(dataset.iter_torch_batches(batch_size=4, collate_fn=collate))
+    local = list(iter_batches(out, batch_size=4, model_config=CONFIG))
+    assert len(through_ray) == len(local) == 4
+    for (ray_images, ray_targets), (images, targets) in zip(through_ray, local, strict=True):
+        assert torch.equal(ray_images, images)
+        for a, b in zip(ray_targets, targets, strict=True):
+            assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+            assert a["rpn_idx"].shape == (256,)

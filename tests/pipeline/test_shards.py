@@ -1,0 +1,169 @@
+"""Shard rows, atomic writes, whole-split replacement and the compatibility check (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from maskrcnn.config import ModelConfig, RPNConfig
+from pipeline import shards
+from pipeline.coco import read_coco
+from pipeline.preprocess import encode_record
+from pipeline.shards import (
+    MANIFEST,
+    SCHEMA,
+    SplitWriter,
+    check_compatible,
+    read_manifest,
+    read_shard_metadata,
+    rows_to_table,
+    shard_metadata,
+    shard_paths,
+    write_shard,
+)
+
+CONFIG = ModelConfig(num_classes=6, canvas=128)
+
+
+@pytest.fixture(scope="module")
+def shapes_rows(shapes_dataset):
+    """Encoded rows of the synthetic train split, and its COCO index."""
+    root, summary = shapes_dataset
+    split = summary["train"]
+    index = read_coco(root / split["annotation_file"], root / split["images_dir"])
+    rows = [
+        encode_record(r, model_config=CONFIG, image_format="png", jpeg_quality=95)
+        for r in index.records
+    ]
+    return rows, index
+
+
+def _metadata(index) -> dict:
+    return shard_metadata(
+        model_config=CONFIG,
+        categories=index.categories,
+        annotation_sha256=index.sha256,
+        split="train",
+        image_format="png",
+    )
+
+
+def _write_split(out_dir, rows, index, *, rows_per_shard=5) -> dict:
+    with SplitWriter(out_dir, metadata=_metadata(index), rows_per_shard=rows_per_shard) as writer:
+        writer.add(rows_to_table(rows))
+        return writer.finish({"images": len(rows)})
+
+
+def test_rows_round_trip_through_arrow_with_the_contract_types(shapes_rows):
+    rows, _ = shapes_rows
+    table = rows_to_table(rows)
+    assert table.schema == SCHEMA
+    back = table.to_pylist()
+    for row, stored in zip(rows, back, strict=True):
+        assert stored["image_id"] == row["image_id"] and stored["image"] == row["image"]
+        np.testing.assert_array_equal(np.array(stored["boxes"]).reshape(-1, 4), row["boxes"])
+        np.testing.assert_array_equal(stored["rpn_ignore"], row["rpn_ignore"])
+        np.testing.assert_array_equal(
+            np.array(stored["rpn_flip_pos_deltas"]).reshape(-1, 4), row["rpn_flip_pos_deltas"]
+        )
+        assert stored["masks"] == row["masks"]
+        assert stored["iscrowd"] == row["iscrowd"].tolist()
+    assert any(len(r["rpn_ignore"]) for r in rows) and any(len(r["boxes"]) == 0 for r in rows)
+
+
+def test_split_is_cut_into_ordered_shards_with_metadata(tmp_path, shapes_rows):
+    rows, index = shapes_rows
+    manifest = _write_split(tmp_path / "train", rows, index, rows_per_shard=5)
+    paths = shard_paths(tmp_path / "train")
+    assert [p.name for p in paths] == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert [pq.read_metadata(p).num_rows for p in paths] == [5, 5, 5, 1]
+    ids = [i for p in paths for i in pq.read_table(p, columns=["image_id"])["image_id"].to_pylist()]
+    assert ids == [r["image_id"] for r in rows]
+    assert read_shard_metadata(paths[0]) == _metadata(index)
+    assert manifest == read_manifest(tmp_path / "train")
+    assert manifest["counts"]["bytes_written"] == sum(p.stat().st_size for p in paths)
+
+
+def test_a_failed_shard_write_leaves_no_part_file(tmp_path, shapes_rows, monkeypatch):
+    rows, index = shapes_rows
+
+    def write_half_then_fail(table, sink, **kwargs):
+        sink.write(b"PAR1 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shards.pq, "write_table", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_shard(rows_to_table(rows[:2]), tmp_path / "part-00000.parquet", _metadata(index))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_split_keeps_the_previous_one_whole(tmp_path, shapes_rows, monkeypatch):
+    rows, index = shapes_rows
+    out = tmp_path / "train"
+    before = _write_split(out, rows, index)
+    original = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def fail_on_third_shard(table, path, metadata):
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write(table, path, metadata)
+
+    real_write = shards.write_shard
+    monkeypatch.setattr(shards, "write_shard", fail_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _write_split(out, rows[::-1], index)
+    assert len(calls) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # no scratch directory left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == original
+    assert read_manifest(out) == before
+
+
+def test_a_new_run_replaces_every_part_of_the_old_split(tmp_path, shapes_rows):
+    rows, index = shapes_rows
+    out = tmp_path / "train"
+    _write_split(out, rows, index, rows_per_shard=2)  # 8 parts
+    _write_split(out, rows[:3], index, rows_per_shard=2)  # 2 parts
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [MANIFEST, "part-00000.parquet", "part-00001.parquet"]
+    assert sum(pq.read_metadata(p).num_rows for p in shard_paths(out)) == 3
+
+
+def test_refuses_to_replace_a_directory_with_foreign_files(tmp_path, shapes_rows):
+    rows, index = shapes_rows
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"refusing to replace .*notes\.txt"):
+        _write_split(tmp_path / "train", rows, index)
+    assert (tmp_path / "train" / "notes.txt").read_text() == "mine"
+
+
+def test_compatibility_names_the_directory_and_both_anchor_configs(tmp_path, shapes_rows):
+    rows, index = shapes_rows
+    out = tmp_path / "train"
+    _write_split(out, rows[:2], index)
+    assert check_compatible(out, CONFIG)["canvas"] == 128
+    other_canvas = ModelConfig(num_classes=6, canvas=192)
+    with pytest.raises(ValueError, match=r"train.*canvas 128.*canvas 192") as error:
+        check_compatible(out, other_canvas)
+    built = read_manifest(out)["anchor_config_hash"]
+    assert built in str(error.value) and shards.model_anchor_hash(other_canvas) in str(error.value)
+    other_matching = ModelConfig(num_classes=6, canvas=128, rpn=RPNConfig(fg_iou_thresh=0.6))
+    with pytest.raises(ValueError, match="anchor config hash"):
+        check_compatible(out, other_matching)
+
+
+def test_unfinished_or_old_format_splits_are_refused(tmp_path, shapes_rows):
+    rows, index = shapes_rows
+    with pytest.raises(ValueError, match="no manifest.json"):
+        check_compatible(tmp_path, CONFIG)
+    out = tmp_path / "train"
+    _write_split(out, rows[:2], index)
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(ValueError, match="format version 0"):
+        check_compatible(out, CONFIG)

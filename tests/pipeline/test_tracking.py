@@ -1,0 +1,123 @@
+"""MLflow tracking helpers: URI resolution, the cluster refusal, and a real SQLite store."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import (
+    RunRef,
+    attached_run,
+    check_uri_for_cluster,
+    end_run,
+    find_project_root,
+    flatten_params,
+    is_local_uri,
+    log_metrics,
+    log_params,
+    open_or_create_run,
+    resolve_tracking_uri,
+)
+
+ROOT = Path("/srv/project")
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        (None, "sqlite:////srv/project/mlflow.db"),
+        ("sqlite:///mlflow.db", "sqlite:////srv/project/mlflow.db"),
+        ("sqlite:///runs/db.sqlite", "sqlite:////srv/project/runs/db.sqlite"),
+        ("sqlite:////var/mlflow.db", "sqlite:////var/mlflow.db"),
+        ("mlruns", "file:///srv/project/mlruns"),
+        ("file:./mlruns", "file:///srv/project/mlruns"),
+        ("file:///var/mlruns", "file:///var/mlruns"),
+        ("http://tracking:5000", "http://tracking:5000"),
+        ("databricks", "databricks"),
+    ],
+)
+def test_tracking_uri_is_resolved_against_the_project_root(uri, expected):
+    assert resolve_tracking_uri(uri, project_root=ROOT) == expected
+
+
+def test_local_and_remote_uris():
+    assert is_local_uri("sqlite:////x/mlflow.db")
+    assert is_local_uri("file:///x/mlruns")
+    assert is_local_uri("/x/mlruns")
+    assert not is_local_uri("http://tracking:5000")
+    assert not is_local_uri("https://tracking.example.com")
+    assert not is_local_uri("postgresql://user@db/mlflow")
+    assert not is_local_uri("databricks")
+
+
+def test_local_uri_is_refused_only_on_more_than_one_node():
+    check_uri_for_cluster("sqlite:////x/mlflow.db", node_count=1)
+    check_uri_for_cluster("http://tracking:5000", node_count=3)
+    with pytest.raises(ValueError, match=r"mlflow server.*tracking\.uri"):
+        check_uri_for_cluster("sqlite:////x/mlflow.db", node_count=2)
+
+
+def test_project_root_is_the_nearest_directory_with_params(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {}\n")
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    assert find_project_root(nested) == tmp_path.resolve()
+
+
+def test_flatten_params_nests_with_dots_and_keeps_sequences_as_json():
+    nested = {"train": {"steps": 10, "milestones": (3, 6)}, "model": {"rpn": {"x": 0.5}}}
+    flat = flatten_params(nested)
+    assert flat == {"train.steps": "10", "train.milestones": "[3, 6]", "model.rpn.x": "0.5"}
+
+
+def test_run_ref_round_trip_and_bad_file(tmp_path):
+    ref = RunRef(run_id="abc", experiment_id="1", tracking_uri="sqlite:////x.db")
+    ref.write(tmp_path / "run.json")
+    assert RunRef.read(tmp_path / "run.json") == ref
+    (tmp_path / "bad.json").write_text('{"run_id": "abc"}')
+    with pytest.raises(ValueError, match="bad.json"):
+        RunRef.read(tmp_path / "bad.json")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    return root, resolve_tracking_uri(None, project_root=root)
+
+
+def test_run_is_created_reopened_and_logged(store):
+    root, uri = store
+    ref = open_or_create_run(tracking_uri=uri, experiment="exp", run_name="r", project_root=root)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(ref.experiment_id)
+    assert experiment.name == "exp"
+    assert experiment.artifact_location == (root / "mlruns" / "exp").resolve().as_uri()
+
+    log_params(ref, {"train": {"steps": 4, "lr": 0.1}})
+    again = open_or_create_run(
+        tracking_uri=uri, experiment="exp", run_name="r", project_root=root, run_id=ref.run_id
+    )
+    assert again == ref
+    log_params(again, {"train": {"steps": 8, "lr": 0.1}, "model": {"canvas": 64}})
+    run = client.get_run(ref.run_id)
+    assert run.data.params == {"train.steps": "4", "train.lr": "0.1", "model.canvas": "64"}
+    assert run.data.tags["resumed.train.steps"] == "8"
+
+    with attached_run(ref, system_metrics=False) as attached:
+        log_metrics(attached, ref, {"loss": 2.0, "lr": 0.1}, step=1)
+        log_metrics(attached, ref, {"loss": 1.0, "lr": 0.1}, step=2)
+        assert mlflow.active_run().info.run_id == ref.run_id
+    assert [m.value for m in client.get_metric_history(ref.run_id, "loss")] == [2.0, 1.0]
+    assert client.get_run(ref.run_id).info.status == "FINISHED"
+    end_run(ref, status="FAILED")
+    assert client.get_run(ref.run_id).info.status == "FAILED"
+
+
+def test_a_run_missing_from_the_store_is_replaced(store):
+    root, uri = store
+    ref = open_or_create_run(
+        tracking_uri=uri, experiment="exp", run_name="r", project_root=root, run_id="0" * 32
+    )
+    assert ref.run_id != "0" * 32
+    assert MlflowClient(uri).get_run(ref.run_id).info.run_name == "r"

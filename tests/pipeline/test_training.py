@@ -1,0 +1,235 @@
+"""Training on Ray Train, end to end: real Ray (a simulated cluster), real MLflow (SQLite).
+
+One Ray cluster for the module: a 2-CPU head node, and a second node added only for the tests
+that need two machines. The shards are built once with the data helpers; the model is tiny
+(ResNet-18, canvas 64, narrow heads) so that each run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from ray.cluster_utils import Cluster
+
+from maskrcnn.checkpoints import load_model
+from maskrcnn.config import ModelConfig, RoIConfig, RPNConfig
+from pipeline.preprocess import preprocess_split
+from pipeline.ray_runtime import cluster_node_count
+from pipeline.shapes import write_shapes_dataset
+from pipeline.shards import read_manifest
+from pipeline.tracking import RunRef, TrackingSettings, check_uri_for_cluster
+from pipeline.train_config import TrainSettings
+from pipeline.train_progress import LOSS_NAMES
+from pipeline.trainer import make_trainer, train
+
+OVERFIT_STEPS = 16
+OVERFIT_FACTOR = 1.5  # mean loss of the last 4 steps <= mean of the first 2 / 1.5
+CHECKPOINT_EVERY = 4
+KILL_AT = 6  # the fault drill kills the worker after this step: it resumes from step 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # inherited by the workers
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "include_dashboard": False},
+    )
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", None)
+
+
+@pytest.fixture(scope="module")
+def project(cluster, tmp_path_factory):
+    """A project directory with train shards of four synthetic images, and the model config."""
+    root = tmp_path_factory.mktemp("project")
+    data = root / "shapes"
+    write_shapes_dataset(data, n_train=4, n_val=1, seed=0, min_side=48, max_side=64)
+    config = ModelConfig(
+        num_classes=2,  # replaced below by the shards' category count
+        backbone="resnet18",
+        canvas=64,
+        fpn_channels=32,
+        rpn=RPNConfig(pre_nms_top_n_train=200, post_nms_top_n_train=100),
+        roi=RoIConfig(representation_size=64, mask_layers=(32,), batch_size_per_image=64),
+    )
+    shards = root / "shards"
+    preprocess_split(
+        annotation_file=data / "annotations" / "instances_train.json",
+        images_dir=data / "images" / "train",
+        out_dir=shards / "train",
+        model_config=config,
+        progress=False,
+    )
+    classes = len(read_manifest(shards / "train")["categories"]) + 1
+    return root, shards, replace(config, num_classes=classes)
+
+
+def settings(**overrides) -> TrainSettings:
+    base = dict(
+        num_workers=1,
+        batch_per_worker=2,
+        steps=4,
+        base_lr=0.02,
+        lr_reference_batch=2,
+        warmup_steps=0,
+        flip_prob=0.0,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        max_failures=1,
+        log_every=1,
+        run_name="run",
+    )
+    return TrainSettings(**{**base, **overrides})
+
+
+def run_train(project, tmp_path, **overrides):
+    root, shards, config = project
+    return train(
+        settings=settings(**overrides),
+        model_config=config,
+        shards_dir=shards,
+        tracking=TrackingSettings(experiment="tests"),
+        out_dir=tmp_path / "out",
+        project_root=root,
+    )
+
+
+@pytest.fixture(scope="module")
+def overfit(project, tmp_path_factory):
+    """One run that fits four images, with a fault drill: the worker is killed right after
+    step ``KILL_AT``, once. Shared by the overfit, fault, outputs, MLflow and resume tests."""
+    out = tmp_path_factory.mktemp("overfit")
+    root, shards, config = project
+    marker = out / "killed"
+    result = train(
+        settings=settings(
+            steps=OVERFIT_STEPS, checkpoint_every=CHECKPOINT_EVERY, run_name="overfit"
+        ),
+        model_config=config,
+        shards_dir=shards,
+        tracking=TrackingSettings(experiment="tests"),
+        out_dir=out / "out",
+        project_root=root,
+        fault={"step": KILL_AT, "rank": 0, "marker": str(marker)},
+    )
+    assert marker.exists(), "the fault drill did not run"
+    return result
+
+
+def test_tiny_overfit_through_ray_lowers_the_loss(overfit):
+    losses = [row["loss"] for row in overfit.history]
+    first, last = sum(losses[:2]) / 2, sum(losses[-4:]) / 4
+    assert last * OVERFIT_FACTOR <= first, f"loss went from {first:.3f} to {last:.3f}"
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(overfit):
+    assert overfit.resumed_from == CHECKPOINT_EVERY  # the checkpoint before the kill, not 0
+    assert overfit.metrics["step"] == OVERFIT_STEPS
+    assert [row["step"] for row in overfit.history] == list(range(1, OVERFIT_STEPS + 1))
+    client = MlflowClient(overfit.run.tracking_uri)
+    steps = sorted(m.step for m in client.get_metric_history(overfit.run.run_id, "loss"))
+    # Attempt one logged steps 1..KILL_AT and died; attempt two went on from the checkpoint,
+    # so only the steps after the checkpoint were logged twice.
+    replayed = list(range(CHECKPOINT_EVERY + 1, KILL_AT + 1))
+    assert steps == sorted([*range(1, OVERFIT_STEPS + 1), *replayed])
+
+
+def test_outputs_are_written(overfit):
+    out = overfit.model_path.parent
+    model = load_model(out / "model.pt")
+    assert model.config.canvas == 64
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == OVERFIT_STEPS
+    assert metrics["images_per_s"] > 0
+    assert 0 <= metrics["data_wait_fraction"] <= 1
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["step", "loss", *LOSS_NAMES, "lr"]
+    assert len(rows) == OVERFIT_STEPS + 1
+    # The saved model is the trained one: it differs from a fresh model of the same seed.
+    torch.manual_seed(0)
+    fresh = type(model)(model.config)
+    name = "roi_heads.box_predictor.cls_score.weight"
+    assert not torch.equal(model.state_dict()[name], fresh.state_dict()[name])
+
+
+def test_mlflow_run_holds_params_loss_histories_and_system_metrics(overfit):
+    ref = RunRef.read(overfit.model_path.parent / "run.json")
+    assert ref == overfit.run
+    client = MlflowClient(ref.tracking_uri)
+    run = client.get_run(ref.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == str(OVERFIT_STEPS)
+    assert run.data.params["model.backbone"] == "resnet18"
+    assert run.data.params["model.roi.mask_layers"] == "[32]"
+    for name in ("loss", *LOSS_NAMES, "lr", "images_per_s", "data_wait"):
+        history = client.get_metric_history(ref.run_id, name)
+        assert {m.step for m in history} == set(range(1, OVERFIT_STEPS + 1)), name
+    assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(ref.run_id, "train")}
+    assert artifacts == {"train/metrics.json", "train/loss.csv"}
+
+
+def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(overfit, project, tmp_path):
+    more = OVERFIT_STEPS + 2
+    result = run_train(
+        project, tmp_path, steps=more, checkpoint_every=CHECKPOINT_EVERY, run_name="overfit"
+    )
+    assert result.resumed_from == OVERFIT_STEPS
+    assert [row["step"] for row in result.history] == list(range(1, more + 1))
+    assert result.history[:OVERFIT_STEPS] == overfit.history
+    assert result.run.run_id == overfit.run.run_id  # the same MLflow run, continued
+    history = MlflowClient(result.run.tracking_uri).get_metric_history(result.run.run_id, "loss")
+    assert {m.step for m in history} == set(range(1, more + 1))
+
+
+def test_rerun_with_another_recipe_is_refused(overfit, project, tmp_path):
+    with pytest.raises(ValueError, match=r"train\.base_lr: 0\.02 -> 0\.05"):
+        run_train(project, tmp_path, steps=OVERFIT_STEPS, base_lr=0.05, run_name="overfit")
+
+
+@pytest.fixture
+def two_nodes(cluster):
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.remove_node(node)
+    cluster.wait_for_nodes()
+
+
+def test_ddp_across_two_nodes_keeps_replicas_identical(two_nodes, project, tmp_path):
+    _, shards, config = project
+    trainer = make_trainer(
+        settings=settings(
+            num_workers=2,
+            batch_per_worker=1,
+            steps=3,
+            placement_strategy="STRICT_SPREAD",
+            storage_path=str(tmp_path),
+            run_name="ddp",
+        ),
+        model_config=config,
+        train_dir=str(shards / "train"),
+        run=None,
+    )
+    replicas = trainer.fit().return_value["replicas"]
+    assert sorted(r["rank"] for r in replicas) == [0, 1]
+    assert len({r["node_id"] for r in replicas}) == 2  # one worker on each node
+    assert len({r["state_sha256"] for r in replicas}) == 1  # bitwise identical weights
+
+
+def test_local_tracking_uri_is_refused_on_a_multi_node_cluster(two_nodes, tmp_path):
+    nodes = cluster_node_count()
+    assert nodes == 2
+    with pytest.raises(ValueError, match="mlflow server"):
+        check_uri_for_cluster(f"sqlite:///{tmp_path}/mlflow.db", node_count=nodes)
+    check_uri_for_cluster("http://tracking.internal:5000", node_count=nodes)
