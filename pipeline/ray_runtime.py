@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; idempotent.
 
-    ``num_cpus`` only applies to a local Ray started here.
+    ``num_cpus`` only applies to a local Ray started here. A plain ``ray.init()`` would attach to
+    any cluster already running on this machine; ``address="local"`` always starts our own.
     """
     if ray.is_initialized():
         return
@@ -23,7 +24,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray runtime")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def cluster_node_count() -> int:
