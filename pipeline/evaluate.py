@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-import tempfile
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,18 +51,17 @@ READ_COLUMNS = ["image_id", "file_name", "height", "width", "scale", "image"]
 class ShardPredictor:
     """Ray Data actor: loads the model once, then shard rows -> COCO results (JSON per image).
 
-    The model file's bytes come through Ray's object store (``model_file``: a one-element list
-    holding their ObjectRef), so actors on any node of a cluster can load it.
+    Like the shards, the model file must be on storage that every node sees on a cluster.
     """
 
-    def __init__(self, *, model_file: list, categories: list[dict], score_threshold: float) -> None:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
+    def __init__(
+        self, *, model_path: str, categories: list[dict], score_threshold: float, pool_size: int
+    ) -> None:
+        # Each actor reserves one CPU (so Ray Data's read tasks still get one) but computes
+        # with its share of the node's cores.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // pool_size))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "model.pt"
-            local.write_bytes(ray.get(model_file[0]))
-            self.detector = Detector.from_file(local, categories=categories, device=device)
+        self.detector = Detector.from_file(model_path, categories=categories, device=device)
         self.score_threshold = score_threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -116,11 +115,12 @@ def evaluate(
     _check_source(manifest, Path(annotation_file))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "overlays", ignore_errors=True)  # none left from an earlier run
 
     started = time.perf_counter()
     ensure_ray(ray_address)
     images, results = _predict(
-        model_path=Path(model_path), shards_dir=shards_dir, manifest=manifest,
+        model_path=str(Path(model_path).resolve()), shards_dir=shards_dir, manifest=manifest,
         batch_size=batch_size, score_threshold=score_threshold, concurrency=concurrency,
     )
     seconds = time.perf_counter() - started
@@ -150,7 +150,7 @@ def evaluate(
 
 def _predict(
     *,
-    model_path: Path,
+    model_path: str,
     shards_dir: str | os.PathLike,
     manifest: Mapping[str, Any],
     batch_size: int,
@@ -159,17 +159,19 @@ def _predict(
 ) -> tuple[list[tuple[int, str]], list[dict[str, Any]]]:
     """[(image_id, file_name)] in image-id order, and every image's COCO results."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    pool_size = _pool_size(concurrency, gpu=bool(gpus))
     dataset = ray.data.read_parquet([str(p) for p in shard_paths(shards_dir)], columns=READ_COLUMNS)
     predicted = dataset.map_batches(
         ShardPredictor,
         fn_constructor_kwargs={
-            "model_file": [ray.put(model_path.read_bytes())],
+            "model_path": model_path,
             "categories": manifest["categories"],
             "score_threshold": score_threshold,
+            "pool_size": pool_size,
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, concurrency)),
+        compute=ray.data.ActorPoolStrategy(size=pool_size),
         num_gpus=gpus,
         udf_modifying_row_count=False,
     )
@@ -179,6 +181,18 @@ def _predict(
         images.append((int(row["image_id"]), str(row["file_name"])))
         results.extend(json.loads(row["results"]))
     return images, results
+
+
+def _pool_size(concurrency: int, *, gpu: bool) -> int:
+    """Actors in the pool: at most one per GPU, and on CPUs one CPU short of the cluster's, so
+    that the read tasks can run (actors holding every CPU would wait for data forever)."""
+    resources = ray.cluster_resources()
+    limit = int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1)) - 1
+    size = max(1, min(concurrency, limit))
+    if size < concurrency:
+        log.warning("evaluate.concurrency %d lowered to %d to fit the cluster (%s)",
+                    concurrency, size, "GPUs" if gpu else "CPUs, one kept for reading")
+    return size
 
 
 def _check_source(manifest: Mapping[str, Any], annotation_file: Path) -> None:

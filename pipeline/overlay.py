@@ -59,7 +59,7 @@ def draw_detections(
         ty = y1 - text_h if y1 - text_h >= 0 else y1  # above the box, or inside it at the top
         tx = min(max(0.0, x1), max(0.0, width - text_w))
         draw.rectangle((tx, ty, tx + text_w, ty + text_h), fill=colour)
-        draw.text((tx + line - left, ty + line - top), caption, fill=(255, 255, 255), font=font)
+        draw.text((tx + line - left, ty + line - top), caption, fill=_ink(colour), font=font)
     return out
 
 
@@ -67,6 +67,12 @@ def save_overlay(image: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG", optimize=True)
     return path
+
+
+def _ink(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light label backgrounds, white on dark ones."""
+    r, g, b = colour
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:

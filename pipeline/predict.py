@@ -152,8 +152,8 @@ class Detector:
 
     def to_record(self, detection: Detection) -> dict[str, Any]:
         """One image's detections as JSON-ready lists, masks as COCO compressed RLE."""
-        masks = detection["masks"]
-        height, width = masks.shape[1:] if masks.ndim == 3 else (0, 0)
+        masks = detection["masks"]  # [N, H, W], also when N is 0
+        height, width = masks.shape[1:]
         labels = [int(v) for v in detection["labels"]]
         return {
             "boxes": [[round(float(v), 2) for v in box] for box in detection["boxes"]],
@@ -172,9 +172,11 @@ class Detector:
 
 
 def load_detector(
-    model: str | os.PathLike, *, tracking_uri: str | None = None, device: str = "cpu"
+    model: str | os.PathLike, *, tracking_uri: str | None = None, device: str | None = None
 ) -> Detector:
-    """A local model file, or a registered model (``models:/name@alias``, ``models:/name/3``)."""
+    """A local model file, or a registered model (``models:/name@alias``, ``models:/name/3``),
+    on ``device`` (default: the GPU when there is one)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(model).startswith(("models:/", "runs:/")):
         import mlflow  # only the registry path needs MLflow
 

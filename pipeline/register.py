@@ -68,6 +68,7 @@ def register(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     previous = _champion(client, model_name)
+    promote, reason = decide(segm_ap=segm_ap, min_segm_ap=min_segm_ap, champion=previous)
     # Inside: the registry resolves the logged model's location through the fluent URI too.
     with use_tracking_uri(uri):
         logged = _log_pyfunc(model_path, run_id=run["run_id"],
@@ -76,13 +77,11 @@ def register(
             client.create_registered_model(model_name)
         new = client.create_model_version(
             model_name, source=logged.model_uri, run_id=run["run_id"], model_id=logged.model_id,
-            tags={SEGM_TAG: str(segm_ap), BBOX_TAG: str(bbox_ap)},
+            tags={SEGM_TAG: str(segm_ap), BBOX_TAG: str(bbox_ap), "decision": reason},
         )
-    promote, reason = decide(segm_ap=segm_ap, min_segm_ap=min_segm_ap, champion=previous)
     client.set_registered_model_alias(model_name, CHALLENGER, new.version)
     if promote:
         client.set_registered_model_alias(model_name, CHAMPION, new.version)
-    client.set_model_version_tag(model_name, new.version, "decision", reason)
     decision = {
         "model_name": model_name,
         "version": int(new.version),

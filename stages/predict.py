@@ -1,9 +1,9 @@
 """Detect objects in image files with a trained model: detections JSON plus overlay PNGs.
 
-    python -m stages.predict --model models/model.pt --out predictions/ photo1.jpg photo2.png
+    python -m stages.predict --model artifacts/train/model.pt --out predictions/ a.jpg b.png
     maskrcnn-predict --model models:/maskrcnn-shapes@champion --out predictions/ photo.jpg
 
-A ``models:/`` URI is read from the MLflow tracking store given by --tracking-uri (default:
+A models:/ URI is read from the MLflow tracking store given by --tracking-uri (default:
 MLFLOW_TRACKING_URI, else MLflow's default, sqlite:///mlflow.db in the current directory).
 """
 

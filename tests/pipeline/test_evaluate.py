@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import _pool_size, evaluate
 from pipeline.preprocess import preprocess_split
 
 
@@ -142,3 +142,10 @@ def test_a_model_for_another_canvas_is_refused(val):
             images_dir=val["images_dir"],
             out_dir=val["work"] / "never",
         )
+
+
+def test_the_actor_pool_leaves_a_cpu_for_reading():
+    # Two actors holding both CPUs of this Ray would wait forever for the read tasks.
+    assert ray.cluster_resources()["CPU"] == 2
+    assert _pool_size(2, gpu=False) == 1
+    assert _pool_size(1, gpu=False) == 1

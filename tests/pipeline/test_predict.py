@@ -126,3 +126,19 @@ def test_cli_errors_name_the_problem(model_file, tmp_path, capsys):
             main([*args, "--out", str(tmp_path / "out")])
         assert expected in str(exit_info.value), args
     assert not (tmp_path / "out" / "detections.json").exists()
+
+
+def test_overlay_tints_masks_and_leaves_the_rest():
+    from pipeline.overlay import class_colour, draw_detections
+
+    image = np.full((60, 80, 3), 200, np.uint8)
+    mask = np.zeros((1, 60, 80), np.uint8)
+    mask[0, 20:40, 30:50] = 1
+    picture = np.asarray(draw_detections(
+        image, boxes=np.array([[30.0, 20.0, 50.0, 40.0]]), labels=np.array([2]),
+        scores=np.array([0.8]), masks=mask, names={2: "square"},
+    ))
+    inside, outside = picture[30, 40].astype(int), picture[55, 5]
+    expected = 0.55 * 200 + 0.45 * np.array(class_colour(2))
+    assert np.abs(inside - expected).max() <= 1
+    assert (outside == 200).all()
