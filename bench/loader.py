@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -142,44 +143,23 @@ def through_ray(shards: Path, config: ModelConfig, batch: int) -> float:
 
 
 def loader_peak_rss_mb(args: argparse.Namespace, images: int) -> float:
-    """Peak RSS of a fresh process that builds a split of ``images`` and loads it once."""
-    command = [
-        sys.executable,
-        __file__,
-        "--child-memory",
-        "--images",
-        str(images),
-        "--canvas",
-        str(args.canvas),
-        "--batch-size",
-        str(args.batch_size),
-        "--min-side",
-        str(args.min_side),
-        "--max-side",
-        str(args.max_side),
-    ]
+    """Peak RSS of a fresh process that loads every batch of a split of ``images``."""
+    flags = _flags(args, images=images, batch_size=args.batch_size)
+    command = [sys.executable, __file__, "--child-memory", *flags]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def _flags(args: argparse.Namespace, **values: int) -> list[str]:
+    values = {"canvas": args.canvas, "min_side": args.min_side, "max_side": args.max_side, **values}
+    return [str(v) for key, value in values.items() for v in (f"--{key.replace('_', '-')}", value)]
 
 
 def child_memory(args: argparse.Namespace) -> None:
     """Build the data in a helper process, then load every batch here and report peak RSS."""
     config = ModelConfig(num_classes=6, canvas=args.canvas)
     with tempfile.TemporaryDirectory() as tmp:
-        build = [
-            sys.executable,
-            __file__,
-            "--child-build",
-            tmp,
-            "--images",
-            str(args.images),
-            "--canvas",
-            str(args.canvas),
-            "--min-side",
-            str(args.min_side),
-            "--max-side",
-            str(args.max_side),
-        ]
+        build = [sys.executable, __file__, "--child-build", tmp, *_flags(args, images=args.images)]
         subprocess.run(build, check=True, capture_output=True)
         shards = Path(tmp) / "shards" / "train"
         for _ in iter_batches(shards, batch_size=args.batch_size, model_config=config):
@@ -236,6 +216,7 @@ def main() -> None:
             "shard_loader_images_per_s": round(shards, 1),
             "torchvision_style_images_per_s": round(baseline, 1),
             "ratio": round(shards / baseline, 2),
+            "load_average_1min": os.getloadavg()[0],
         }
         if args.ray:
             result["ray_data_images_per_s"] = round(

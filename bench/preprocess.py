@@ -2,8 +2,10 @@
 
 Each measurement runs in a fresh process with its own local Ray (``num_cpus`` = workers):
 
-- throughput: preprocess the split twice and time the second pass, so that worker start-up and
-  imports (seconds, paid once per Ray session) are not counted; images/s.
+- throughput: one warm-up pass (worker start-up and imports take seconds, once per Ray
+  session), then the faster of two timed passes; images/s, and the CPU time per image spent in
+  the driver and in all processes (the driver's share bounds the speed-up from more workers).
+  The 1-minute load average is recorded: on a shared machine, other work takes cores.
 - memory: preprocess N and then 10N images (``rows_per_shard`` fixed) and sample the resident
   memory of the driver and of every process under it (raylet, Ray workers) every 50 ms; peak.
   The driver's peak is what would grow if rows were collected instead of streamed.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -73,18 +76,40 @@ class PeakMemory:
             time.sleep(self.interval_s)
 
 
+def tree_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by this process, and by it plus all its descendants (Ray)."""
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    mine = me.cpu_times()
+    return mine.user + mine.system, total
+
+
+def timed_pass(preprocess_split, source: dict, out_dir: Path, run: dict, args) -> dict:
+    """images/s of one preprocess pass, with the CPU it used in the driver and in all of Ray."""
+    cpu, start = tree_cpu_seconds(), time.perf_counter()
+    preprocess_split(**source, out_dir=out_dir, **run)
+    seconds = time.perf_counter() - start
+    driver, everything = (
+        after - before for after, before in zip(tree_cpu_seconds(), cpu, strict=True)
+    )
+    return {
+        "images_per_s": args.images / seconds,
+        "cpu_ms_per_image": {
+            "driver": 1e3 * driver / args.images,
+            "all_processes": 1e3 * everything / args.images,
+        },
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
 def run_child(args: argparse.Namespace, *extra: str) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--canvas",
-        str(args.canvas),
-        "--min-side",
-        str(args.min_side),
-        "--max-side",
-        str(args.max_side),
-        *extra,
-    ]
+    sizes = {"--canvas": args.canvas, "--min-side": args.min_side, "--max-side": args.max_side}
+    flags = [str(v) for pair in sizes.items() for v in pair]
+    command = [sys.executable, __file__, *flags, *extra]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -105,9 +130,13 @@ def child(args: argparse.Namespace) -> dict:
         try:
             if args.child == "throughput":
                 preprocess_split(**source, out_dir=Path(tmp) / "warm", **run)
-                start = time.perf_counter()
-                preprocess_split(**source, out_dir=Path(tmp) / "train", **run)
-                return {"images_per_s": args.images / (time.perf_counter() - start)}
+                return min(
+                    (
+                        timed_pass(preprocess_split, source, Path(tmp) / f"pass{i}", run, args)
+                        for i in range(2)
+                    ),
+                    key=lambda r: -r["images_per_s"],
+                )
             with PeakMemory() as memory:
                 preprocess_split(**source, out_dir=Path(tmp) / "train", **run)
             driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -163,10 +192,10 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     common = ("--images", str(args.images), "--rows-per-shard", str(args.rows_per_shard))
-    speed = {
-        w: run_child(args, "--child", "throughput", "--workers", str(w), *common)["images_per_s"]
-        for w in (1, 2)
+    runs = {
+        w: run_child(args, "--child", "throughput", "--workers", str(w), *common) for w in (1, 2)
     }
+    speed = {w: run["images_per_s"] for w, run in runs.items()}
     result = {
         "images": args.images,
         "canvas": args.canvas,
@@ -175,6 +204,11 @@ def main() -> None:
         "rows_per_shard": args.rows_per_shard,
         "images_per_s": {f"{w}_workers": round(v, 2) for w, v in speed.items()},
         "speedup_2_vs_1": round(speed[2] / speed[1], 2),
+        "cpu_ms_per_image": {
+            f"{w}_workers": {k: round(v, 1) for k, v in run["cpu_ms_per_image"].items()}
+            for w, run in runs.items()
+        },
+        "load_average_1min": {f"{w}_workers": run["load_average_1min"] for w, run in runs.items()},
     }
     if args.memory:
         peaks = {}

@@ -3,16 +3,18 @@
 torchvision's ``MultiScaleRoIAlign`` infers each level's scale from the feature and image sizes
 on its first call; on a fixed canvas the scales are simply 1/4 .. 1/32, so this module knows them
 up front. Numerics are torchvision's: level ``floor(k0 + log2(sqrt(area) / 224) + 1e-6)``
-clamped to P2..P5, ``roi_align`` with ``aligned=False``.
+clamped to P2..P5, ``roi_align`` with ``aligned=False`` (its CPU backward is ours, see
+``roi_align_cpu``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_area, roi_align
+from torchvision.ops import box_area
 
 from .anchors import STRIDES
+from .roi_align_cpu import roi_align_fast_grad
 
 POOLED_STRIDES = STRIDES[:4]  # P2..P5; P6 only feeds the RPN
 _LEVEL_EPS = 1e-6
@@ -66,13 +68,8 @@ class MultiLevelRoIAlign(nn.Module):
         pooled = first.new_zeros((len(rois), first.shape[1], *self.output_size))
         for level, (feature, stride) in enumerate(zip(features, POOLED_STRIDES, strict=True)):
             index = torch.where(levels == level)[0]
-            out = roi_align(
-                feature,
-                rois[index],
-                output_size=self.output_size,
-                spatial_scale=1.0 / stride,
-                sampling_ratio=self.sampling_ratio,
-                aligned=False,
+            out = roi_align_fast_grad(
+                feature, rois[index], self.output_size, 1.0 / stride, self.sampling_ratio
             )
             pooled[index] = out.to(pooled.dtype)
         return pooled

@@ -9,6 +9,7 @@ targets here: preprocessing kept them only to shape the RPN targets.
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
@@ -39,8 +41,10 @@ __all__ = [
 ]
 
 Batch = pa.Table | Mapping[str, Any]
-_FLOAT4 = ("boxes", "rpn_pos_deltas", "rpn_flip_pos_deltas")
+_FIXED4 = ("boxes", "rpn_pos_deltas", "rpn_flip_pos_deltas", "mask_crop_boxes")
 _INDEX_LISTS = ("labels", "iscrowd", "rpn_pos", "rpn_ignore", "rpn_flip_pos", "rpn_flip_ignore")
+# What decode_batch reads: the full-size ``masks`` are left on disk (the crops say the same).
+COLUMNS = ("image", "mask_crops", *_FIXED4, *_INDEX_LISTS)
 
 
 def decode_batch(
@@ -61,26 +65,12 @@ def decode_batch(
     the RPN's anchor sample is drawn fresh from ``generator``.
     """
     rows = _columns(batch)
-    images = torch.zeros((len(rows["image"]), 3, canvas, canvas), dtype=torch.uint8)
+    images = np.zeros((len(rows["image"]), 3, canvas, canvas), dtype=np.uint8)
     targets = []
-    for i, target in enumerate(images):
+    for i, canvas_image in enumerate(images):
         flip = flip_prob > 0 and float(torch.rand((), generator=generator)) < flip_prob
-        pixels = decode_image(
-            torch.frombuffer(bytearray(rows["image"][i]), dtype=torch.uint8), mode=ImageReadMode.RGB
-        )
-        height, width = pixels.shape[1:]
-        if height > canvas or width > canvas:
-            raise ValueError(
-                f"image_id {rows['image_id'][i]}: {height}x{width} exceeds the canvas {canvas}"
-            )
-        target[:, :height, :width] = pixels.flip(-1) if flip else pixels
-
+        width = _paste_image(canvas_image, rows["image"][i], flip=flip)
         keep = ~rows["iscrowd"][i].astype(bool)
-        boxes = rows["boxes"][i][keep]
-        if flip:
-            x1, y1, x2, y2 = boxes.T
-            boxes = np.stack([width - x2, y1, width - x1, y2], axis=1)
-        counts = [c for c, k in zip(rows["masks"][i], keep, strict=True) if k]
         prefix = "rpn_flip_" if flip else "rpn_"
         stored = RPNTargets(
             pos=torch.from_numpy(rows[prefix + "pos"][i].astype(np.int64)),
@@ -94,29 +84,56 @@ def decode_batch(
             positive_fraction=positive_fraction,
             generator=generator,
         )
+        crops = [c for c, k in zip(rows["mask_crops"][i], keep, strict=True) if k]
         targets.append(
             {
-                "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+                "boxes": _boxes(rows["boxes"][i][keep], width, flip=flip),
                 "labels": torch.from_numpy(rows["labels"][i][keep].astype(np.int64)),
-                "masks": _canvas_masks(counts, height, width, canvas, flip=flip),
+                "masks": _canvas_masks(
+                    crops, rows["mask_crop_boxes"][i][keep], width, canvas, flip=flip
+                ),
                 "rpn_idx": sample.idx,
                 "rpn_labels": sample.labels,
                 "rpn_deltas": sample.deltas,
             }
         )
-    return images, targets
+    return torch.from_numpy(images), targets
+
+
+def _paste_image(canvas_image: np.ndarray, data: bytes, *, flip: bool) -> int:
+    """Decode an encoded image into the top-left of ``canvas_image`` [3, S, S]; its width."""
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    height, width = pixels.shape[:2]
+    if height > canvas_image.shape[1] or width > canvas_image.shape[2]:
+        raise ValueError(f"a {height}x{width} image does not fit the canvas {canvas_image.shape}")
+    canvas_image[:, :height, :width] = (pixels[:, ::-1] if flip else pixels).transpose(2, 0, 1)
+    return width
+
+
+def _boxes(boxes: np.ndarray, width: int, *, flip: bool) -> Tensor:
+    """float32 [N, 4] boxes, mirrored about the image's own width when flipped."""
+    if flip:
+        x1, y1, x2, y2 = boxes.T
+        boxes = np.stack([width - x2, y1, width - x1, y2], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32))
 
 
 def _canvas_masks(
-    counts: list[bytes], height: int, width: int, canvas: int, *, flip: bool
+    crops: list[bytes], rects: np.ndarray, width: int, canvas: int, *, flip: bool
 ) -> Tensor:
-    """Stored RLE masks (at the resized size) pasted at the top-left of ``[N, S, S]`` zeros."""
-    out = torch.zeros((len(counts), canvas, canvas), dtype=torch.uint8)
-    if counts:
-        rles = [{"size": [height, width], "counts": c} for c in counts]
-        masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)  # [N, h', w'], a view
-        out[:, :height, :width] = masks.flip(-1) if flip else masks
-    return out
+    """``[N, S, S]`` masks from the stored crops, each pasted at its rectangle (mirrored about
+    the image width when flipped). Only the crops are decoded: far less than N full masks."""
+    out = np.zeros((len(crops), canvas, canvas), dtype=np.uint8)
+    for mask, crop, (x1, y1, x2, y2) in zip(out, crops, rects, strict=True):
+        if x2 <= x1:
+            continue  # the instance vanished at this size
+        pixels = mask_utils.decode({"size": [int(y2 - y1), int(x2 - x1)], "counts": crop})
+        if flip:
+            mask[y1:y2, width - x2 : width - x1] = pixels[:, ::-1]
+        else:
+            mask[y1:y2, x1:x2] = pixels
+    return torch.from_numpy(out)
 
 
 def _columns(batch: Batch) -> dict[str, list[Any]]:
@@ -124,35 +141,33 @@ def _columns(batch: Batch) -> dict[str, list[Any]]:
     if isinstance(batch, pa.Table):
         return _arrow_columns(batch)
     rows: dict[str, list[Any]] = {
-        "image_id": list(batch["image_id"]),
         "image": list(batch["image"]),
-        "masks": [list(m) for m in batch["masks"]],
+        "mask_crops": [list(m) for m in batch["mask_crops"]],
     }
-    for name in _FLOAT4:
-        rows[name] = [_float4(v) for v in batch[name]]
+    for name in _FIXED4:
+        rows[name] = [_fixed4(v) for v in batch[name]]
     for name in _INDEX_LISTS:
         rows[name] = [np.asarray(v) for v in batch[name]]
     return rows
 
 
-def _float4(value: Any) -> np.ndarray:
+def _fixed4(value: Any) -> np.ndarray:
     if len(value) == 0:
         return np.zeros((0, 4), np.float32)
-    return np.stack([np.asarray(v, dtype=np.float32) for v in value])
+    return np.stack([np.asarray(v) for v in value])
 
 
 def _arrow_columns(table: pa.Table) -> dict[str, list[Any]]:
     """Split Arrow list columns by their offsets: no per-element Python objects."""
     rows: dict[str, list[Any]] = {
-        "image_id": table["image_id"].to_pylist(),
         "image": table["image"].to_pylist(),
-        "masks": table["masks"].to_pylist(),
+        "mask_crops": table["mask_crops"].to_pylist(),
     }
-    for name in (*_FLOAT4, *_INDEX_LISTS):
+    for name in (*_FIXED4, *_INDEX_LISTS):
         column = table[name].combine_chunks()
         offsets = column.offsets.to_numpy()
         values = column.flatten()
-        if name in _FLOAT4:
+        if name in _FIXED4:
             flat = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
         else:
             flat = values.to_numpy(zero_copy_only=False)
@@ -190,7 +205,7 @@ def iter_batches(
     }
     pending: pa.Table | None = None
     for path in paths:
-        table = pq.read_table(path)
+        table = pq.read_table(path, columns=list(COLUMNS))
         if shuffle:
             table = table.take(rng.permutation(table.num_rows))
         pending = table if pending is None else pa.concat_tables([pending, table])
@@ -201,13 +216,13 @@ def iter_batches(
         yield decode_batch(pending, **decode)
 
 
-def ray_dataset(split_dir: str | Path, *, model_config: ModelConfig | None = None):
+def ray_dataset(
+    split_dir: str | Path, *, model_config: ModelConfig | None = None
+) -> ray.data.Dataset:
     """A Ray dataset over a split's shards (after checking them against ``model_config``)."""
-    import ray.data
-
     if model_config is not None:
         check_compatible(split_dir, model_config)
-    return ray.data.read_parquet([str(p) for p in shard_paths(split_dir)])
+    return ray.data.read_parquet([str(p) for p in shard_paths(split_dir)], columns=list(COLUMNS))
 
 
 class ShardCollateFn(ArrowBatchCollateFn):
@@ -251,7 +266,9 @@ class ShardCollateFn(ArrowBatchCollateFn):
         self._calls = itertools.count()
 
 
-def make_collate_fn(model_config: ModelConfig, *, flip_prob: float = 0.0, seed: int = 0):
+def make_collate_fn(
+    model_config: ModelConfig, *, flip_prob: float = 0.0, seed: int = 0
+) -> ShardCollateFn:
     """The collate function for a model configuration (anchor count from its canvas)."""
     return ShardCollateFn(
         canvas=model_config.canvas,

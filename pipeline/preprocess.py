@@ -29,7 +29,7 @@ from maskrcnn.rpn_targets import build_rpn_targets
 
 from .coco import DataError, ImageRecord, instance_boxes, instance_masks, load_image, read_coco
 from .images import resized_size
-from .masks import encode_rles
+from .masks import encode_rle, encode_rles, masks_to_boxes
 from .ray_runtime import ensure_ray
 from .shards import SCHEMA, SplitWriter, rows_to_table, shard_metadata
 
@@ -62,7 +62,9 @@ def preprocess_split(
     """Write ``out_dir/part-NNNNN.parquet`` and ``out_dir/manifest.json``; returns the manifest.
 
     The split is named after ``out_dir``. Unusable records are skipped and listed in the
-    manifest with their reason; a split left with no image is a DataError.
+    manifest with their reason; a split left with no image is a DataError. On a multi-node
+    cluster, Ray workers open the image files: ``images_dir`` must be the same path on every
+    node (a shared filesystem).
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
@@ -184,9 +186,20 @@ def encode_record(
         "labels": np.array([i.label for i in record.instances], dtype=np.int32),
         "iscrowd": iscrowd,
         "masks": encode_rles(masks),
+        **_mask_crops(masks),
         **_rpn_columns("rpn_", boxes, iscrowd, model_config),
         **_rpn_columns("rpn_flip_", flipped, iscrowd, model_config),
     }
+
+
+def _mask_crops(masks: np.ndarray) -> dict[str, Any]:
+    """Each mask's pixel rectangle and the RLE of the mask inside it (empty for an empty mask)."""
+    rects = masks_to_boxes(masks).astype(np.int32)
+    crops = [
+        encode_rle(mask[y1:y2, x1:x2]) if x2 > x1 else b""
+        for mask, (x1, y1, x2, y2) in zip(masks, rects, strict=True)
+    ]
+    return {"mask_crop_boxes": rects, "mask_crops": crops}
 
 
 def _rpn_columns(
@@ -225,6 +238,7 @@ def _placeholder_row(record: ImageRecord) -> dict[str, Any]:
         scale=0.0,
         image=b"",
         masks=[],
+        mask_crops=[],
     )
     return row
 

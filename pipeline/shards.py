@@ -55,9 +55,21 @@ SCHEMA = pa.schema(
         ("rpn_flip_pos", _INDICES),
         ("rpn_flip_pos_deltas", _BOXES),
         ("rpn_flip_ignore", _INDICES),
+        # Each mask cropped to its pixel rectangle (x1, y1, x2, y2 at the resized size) as
+        # compressed RLE: the loader decodes and pastes only the crop, several times faster
+        # than the full-size ``masks`` (docs/benchmarks.md, "Loader").
+        ("mask_crop_boxes", pa.list_(pa.list_(pa.int32(), 4))),
+        ("mask_crops", pa.list_(pa.binary())),
     ]
 )
-_FLOAT4_COLUMNS = {"boxes", "rpn_pos_deltas", "rpn_flip_pos_deltas"}
+# Encoded images do not compress: storing them plain saves CPU when writing and reading.
+_COMPRESSION = {field.name: "none" if field.name == "image" else "zstd" for field in SCHEMA}
+_FIXED4_COLUMNS = {
+    "boxes": np.float32,
+    "rpn_pos_deltas": np.float32,
+    "rpn_flip_pos_deltas": np.float32,
+    "mask_crop_boxes": np.int32,
+}
 _NUMERIC_LIST_COLUMNS = {
     "labels": np.int32,
     "iscrowd": np.bool_,
@@ -118,8 +130,8 @@ def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     columns = []
     for field in SCHEMA:
         values = [row[field.name] for row in rows]
-        if field.name in _FLOAT4_COLUMNS:
-            columns.append(_list_array(values, np.float32, width=4))
+        if field.name in _FIXED4_COLUMNS:
+            columns.append(_list_array(values, _FIXED4_COLUMNS[field.name], width=4))
         elif field.name in _NUMERIC_LIST_COLUMNS:
             columns.append(_list_array(values, _NUMERIC_LIST_COLUMNS[field.name]))
         else:
@@ -151,7 +163,7 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> int:
                 table,
                 sink,
                 row_group_size=ROW_GROUP_ROWS,
-                compression="zstd",
+                compression=_COMPRESSION,
                 use_dictionary=["file_name"],
             )
             sink.flush()

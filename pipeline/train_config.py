@@ -15,9 +15,10 @@ AMP_MODES = ("none", "bf16", "fp16")
 INITS = ("none", "imagenet", "coco")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
-# Settings that may change when a run is resumed under the same run name: how long it runs,
-# how often it logs and checkpoints, where it runs. Every other setting must match the
-# checkpoint, or a resume would silently mix two recipes.
+# Settings that may change while a run goes on under the same run name: how long it runs, how
+# often it logs and checkpoints, where and on how many workers it runs (the learning rate follows
+# the global batch). A change to any other setting is another recipe, hence another run
+# (pipeline.run_manifest).
 RESUMABLE_CHANGES = frozenset(
     {
         "num_workers",

@@ -10,22 +10,20 @@ through ``ray.train.get_checkpoint()``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import random
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointConsistencyMode
 
 from maskrcnn.checkpoints import load_imagenet_backbone, load_torchvision_maskrcnn
 from maskrcnn.config import ModelConfig
@@ -34,8 +32,15 @@ from pipeline.loader import make_collate_fn
 from pipeline.schedule import make_scheduler
 from pipeline.tracking import RunRef, attached_run, log_metrics
 from pipeline.train_config import TrainSettings
-from pipeline.train_progress import LOSS_NAMES, ThroughputMeter, progress_line
-from pipeline.train_state import Progress, read_checkpoint, write_checkpoint
+from pipeline.train_progress import LossWindow, ThroughputMeter, progress_line
+from pipeline.train_state import (
+    Progress,
+    read_checkpoint,
+    seed_everything,
+    state_digest,
+    stream_seed,
+    write_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ class _Trainer:
         self.settings, self.rank, self.world = settings, rank, world
         self.model_config = model_config
         self.device = ray.train.torch.get_device()
-        _seed_everything(settings.seed)  # identical initial weights on every rank
+        seed_everything(settings.seed)  # identical initial weights on every rank
         self.module = MaskRCNN(model_config).to(self.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
@@ -108,17 +113,14 @@ class _Trainer:
             if self.rank == 0:
                 p = self.progress
                 log.info(
-                    "resuming from step %d (epoch %d, batch %d of the epoch)",
-                    p.step,
-                    p.epoch,
-                    p.batch_in_epoch,
+                    "resuming at step %d, epoch %d, batch %d", p.step, p.epoch, p.batch_in_epoch
                 )
         self.model = ray.train.torch.prepare_model(self.module)
         # New draws after a restart, not a replay of the failed attempt's random stream.
         self.collate = make_collate_fn(
             self.model_config,
             flip_prob=self.settings.flip_prob,
-            seed=_stream_seed(self.settings.seed, self.rank, self.progress.step),
+            seed=stream_seed(self.settings.seed, self.rank, self.progress.step),
         )
         return self.progress.step
 
@@ -139,7 +141,7 @@ class _Trainer:
 
     def fit(self, shard: Any, *, log_fn: Any, fault: dict[str, Any] | None) -> None:
         s = self.settings
-        window = _LossWindow(self.device)
+        window = LossWindow(self.device)
         self.model.train()
         micro = 0
         while self.progress.step < s.steps:
@@ -173,7 +175,7 @@ class _Trainer:
             collate_fn=self.collate,
             drop_last=True,
             local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch,
-            local_shuffle_seed=_stream_seed(self.settings.seed, self.rank, self.progress.epoch),
+            local_shuffle_seed=stream_seed(self.settings.seed, self.rank, self.progress.epoch),
         )
         iterator = iter(batches)
         while True:
@@ -199,7 +201,7 @@ class _Trainer:
 
     def _forward_backward(
         self, images: torch.Tensor, targets: list, *, sync: bool
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         s = self.settings
         no_sync = self.world > 1 and not sync and hasattr(self.model, "no_sync")
         autocast = (
@@ -207,11 +209,12 @@ class _Trainer:
             if s.amp != "none"
             else contextlib.nullcontext()
         )
-        with self.model.no_sync() if no_sync else contextlib.nullcontext(), autocast:
-            losses = self.model(images, targets)
-            loss = sum(losses.values())
-        self.scaler.scale(loss / s.grad_accum).backward()
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        # Accumulating micro-batches skip DDP's gradient all-reduce until the last one.
+        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast:
+                losses = self.model(images, targets)
+            self.scaler.scale(sum(losses.values()) / s.grad_accum).backward()
+        return losses
 
     def _optimizer_step(self) -> None:
         if self.settings.grad_clip > 0:
@@ -267,6 +270,9 @@ class _Trainer:
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
                 checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
             )
+        # Ray registers a checkpoint when its controller next polls the workers (every 2 s):
+        # wait for that, so that a crash from here on loses at most checkpoint_every steps.
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -279,44 +285,16 @@ class _Trainer:
     def replicas(self) -> list[dict[str, Any]]:
         """Each rank's node and a digest of its weights, gathered on every rank: DDP keeps
         replicas bitwise identical, so one digest that differs means a broken run."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         mine = {
             "rank": self.rank,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "state_sha256": digest.hexdigest(),
+            "state_sha256": state_digest(self.module),
         }
         if self.world == 1:
             return [mine]
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, mine)
         return gathered
-
-
-class _LossWindow:
-    """Loss sums since the last log, averaged over steps and ranks when reduced."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, losses: dict[str, float]) -> None:
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def reduce(self, world: int) -> dict[str, float]:
-        names = ["loss", *LOSS_NAMES]
-        values = [self.sums.get(k, 0.0) for k in names] + [self.count]
-        totals = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if world > 1:
-            dist.all_reduce(totals)
-        values = totals.tolist()
-        self.sums, self.count = {}, 0
-        return {k: v / values[-1] for k, v in zip(names, values[:-1], strict=True)}
 
 
 def _maybe_fail(fault: dict[str, Any] | None, *, step: int, rank: int) -> None:
@@ -330,13 +308,3 @@ def _maybe_fail(fault: dict[str, Any] | None, *, step: int, rank: int) -> None:
     marker.write_text(f"killed rank {rank} after step {step}\n")
     log.warning("fault drill: killing rank %d after step %d", rank, step)
     os._exit(1)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _stream_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])

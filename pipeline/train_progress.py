@@ -1,9 +1,13 @@
-"""Throughput bookkeeping and the progress line rank 0 prints every ``log_every`` steps."""
+"""Loss and throughput bookkeeping, and the progress line rank 0 prints every ``log_every``
+steps."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 SHORT_NAMES = {
@@ -13,6 +17,31 @@ SHORT_NAMES = {
     "loss_box_reg": "box",
     "loss_mask": "mask",
 }
+
+
+class LossWindow:
+    """Loss sums since the last log, kept on the device (no sync per step), averaged over
+    steps and ranks when reduced."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums = torch.zeros(len(LOSS_NAMES) + 1, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([losses[k].detach().double() for k in LOSS_NAMES])
+        self.sums += torch.cat([values.sum().reshape(1), values])
+        self.count += 1
+
+    def reduce(self, world: int) -> dict[str, float]:
+        """Mean of each loss (and their sum, ``loss``) over the window, on every rank."""
+        totals = torch.cat([self.sums, torch.tensor([self.count], device=self.device)])
+        if world > 1:
+            dist.all_reduce(totals)
+        *sums, count = totals.tolist()
+        self.sums.zero_()
+        self.count = 0
+        return {k: v / count for k, v in zip(("loss", *LOSS_NAMES), sums, strict=True)}
 
 
 @dataclass

@@ -12,6 +12,7 @@ them; the random streams differ per rank, so each rank keeps its own.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,26 @@ class Progress:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Progress:
         return cls(**data)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stream_seed(*keys: int) -> int:
+    """A 32-bit seed for one random stream, e.g. ``(seed, rank, step)``."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 of the model's state dict: equal digests mean bitwise equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def capture_rng() -> dict[str, Any]:

@@ -1,10 +1,9 @@
 """Train on Ray: one call that builds the TorchTrainer, runs it, and writes the stage outputs.
 
-Resuming is Ray Train's: its run directory ``<storage_path>/<run_name>`` keeps the checkpoint
-list, so a worker group restarted after a failure, or a driver started again with the same
-run name, gets the latest checkpoint from ``ray.train.get_checkpoint()``. Beside Ray's files
-we keep ``maskrcnn_run.json``: the MLflow run id (a rerun logs into the same run) and the
-settings a resume must not change (a rerun with another recipe is refused, not mixed in).
+Resuming is Ray Train's: its run directory ``<storage_path>/<run_name>-<recipe hash>`` keeps
+the checkpoint list, so a worker group restarted after a failure, or a driver started again
+with the same run name and recipe, gets the latest checkpoint from ``ray.train.get_checkpoint()``
+(the directory name and the MLflow run that goes with it: ``pipeline.run_manifest``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 import ray.data
 import torch
 from mlflow.tracking import MlflowClient
@@ -32,6 +30,7 @@ from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.loader import ray_dataset
 from pipeline.ray_runtime import cluster_node_count, ensure_ray
+from pipeline.run_manifest import open_run_for, ray_run_name
 from pipeline.shards import check_compatible, read_manifest
 from pipeline.tracking import (
     RunRef,
@@ -40,17 +39,15 @@ from pipeline.tracking import (
     end_run,
     find_project_root,
     log_params,
-    open_or_create_run,
     resolve_tracking_uri,
 )
-from pipeline.train_config import RESUMABLE_CHANGES, TrainSettings
+from pipeline.train_config import TrainSettings
 from pipeline.train_loop import train_loop_per_worker
 from pipeline.train_progress import LOSS_NAMES
 from pipeline.train_state import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "maskrcnn_run.json"
 CACHE_MAX_BYTES = 1 << 30
 MODEL_OUT, METRICS_OUT, LOSS_OUT, RUN_OUT = "model.pt", "metrics.json", "loss.csv", "run.json"
 
@@ -94,13 +91,18 @@ def train(
     train_dir = str(Path(shards_dir).resolve() / "train")
     _check_classes(check_compatible(train_dir, model_config), model_config, train_dir)
 
+    if settings.amp == "bf16" and not settings.use_gpu:
+        log.warning(
+            "amp: bf16 on CPU was ~20x slower than fp32 on a CPU without bf16 instructions "
+            "(docs/benchmarks.md, Training): measure it on yours before keeping it"
+        )
     ensure_ray(ray_address)
     tracking_uri = resolve_tracking_uri(tracking.uri, project_root=root)
     check_uri_for_cluster(tracking_uri, node_count=cluster_node_count())
-    run = _open_run(
+    run_dir = f"{storage}/{ray_run_name(settings, model_config)}"
+    run = open_run_for(
         settings=settings,
         model_config=model_config,
-        storage=storage,
         tracking_uri=tracking_uri,
         experiment=tracking.experiment,
         project_root=root,
@@ -117,14 +119,14 @@ def train(
     try:
         result = trainer.fit()
         if result.checkpoint is None:
-            raise RuntimeError(f"training in {storage}/{settings.run_name} left no checkpoint")
+            raise RuntimeError(f"training in {run_dir} left no checkpoint")
         with result.checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
-    except KeyboardInterrupt:
-        end_run(run, status="KILLED")
-        raise
     except Exception:
         end_run(run, status="FAILED")
+        raise
+    except BaseException:  # Ctrl-C (Ray Train aborts the run first), SystemExit
+        end_run(run, status="KILLED")
         raise
 
     model = MaskRCNN(model_config)
@@ -145,7 +147,7 @@ def train(
         metrics=metrics,
         history=history,
         run=run,
-        run_dir=f"{storage}/{settings.run_name}",
+        run_dir=run_dir,
         resumed_from=int(summary.get("resumed_from", 0)),
     )
 
@@ -179,7 +181,7 @@ def make_trainer(
                 placement_strategy=settings.placement_strategy,
             ),
             run_config=RunConfig(
-                name=settings.run_name,
+                name=ray_run_name(settings, model_config),
                 storage_path=settings.storage_path,
                 failure_config=FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
@@ -216,38 +218,6 @@ def _quiet_data_progress() -> Iterator[None]:
         context.enable_progress_bars = saved
 
 
-def _open_run(
-    *,
-    settings: TrainSettings,
-    model_config: ModelConfig,
-    storage: str,
-    tracking_uri: str,
-    experiment: str,
-    project_root: Path,
-) -> RunRef:
-    """The MLflow run for this Ray run: the one recorded in the run directory's manifest when
-    resuming (after checking the recipe did not change), else a new one."""
-    where = f"{storage}/{settings.run_name}"
-    fs, run_dir = pyarrow.fs.FileSystem.from_uri(where)
-    fingerprint = _fingerprint(settings, model_config)
-    manifest = _read_json(fs, f"{run_dir}/{MANIFEST}") or {}
-    if manifest:
-        _check_resumable(manifest["fingerprint"], fingerprint, where)
-    run = open_or_create_run(
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        run_name=settings.run_name,
-        project_root=project_root,
-        run_id=manifest.get("mlflow_run_id"),
-        tags={"ray.run_name": settings.run_name, "ray.storage_path": storage},
-    )
-    fs.create_dir(run_dir, recursive=True)
-    _write_json(
-        fs, f"{run_dir}/{MANIFEST}", {"fingerprint": fingerprint, "mlflow_run_id": run.run_id}
-    )
-    return run
-
-
 def _check_classes(metadata: dict[str, Any], model_config: ModelConfig, where: str) -> None:
     classes = len(metadata.get("categories", [])) + 1
     if classes != model_config.num_classes:
@@ -262,38 +232,6 @@ def _resolve_storage(storage_path: str, root: Path) -> str:
     if "://" in storage_path:
         return storage_path.rstrip("/")
     return str((root / Path(storage_path).expanduser()).resolve())
-
-
-def _fingerprint(settings: TrainSettings, model_config: ModelConfig) -> dict[str, Any]:
-    train = {k: v for k, v in settings.to_dict().items() if k not in RESUMABLE_CHANGES}
-    return json.loads(json.dumps({"train": train, "model": model_config.to_dict()}))
-
-
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
-    changed = [
-        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-        for section in ("train", "model")
-        for key, value in current[section].items()
-        if saved.get(section, {}).get(key) != value
-    ]
-    if changed:
-        raise ValueError(
-            f"{where} holds a run with other settings ({'; '.join(changed)}); resuming it "
-            "would mix two recipes. Use a new train.run_name, or delete that directory to "
-            "start over. Only these may change on resume: " + ", ".join(sorted(RESUMABLE_CHANGES))
-        )
-
-
-def _read_json(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | None:
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
-
-
-def _write_json(fs: pyarrow.fs.FileSystem, path: str, data: dict[str, Any]) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write((json.dumps(data, indent=2) + "\n").encode())
 
 
 def _final_metrics(

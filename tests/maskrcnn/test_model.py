@@ -96,15 +96,16 @@ def test_overfits_a_tiny_batch(small_config, toy_batch):
     images, targets = toy_batch(config)
     torch.manual_seed(0)
     model = MaskRCNN(config).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     totals = []
-    for _ in range(40):
+    for _ in range(30):
         total = sum(model(images, targets).values())
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
         totals.append(total.item())
-    assert sum(totals[-5:]) / 5 < 0.35 * totals[0], totals
+    # Measured: the last five steps average about 0.15 of the first step's total.
+    assert sum(totals[-5:]) / 5 < 0.3 * totals[0], totals
 
 
 def test_eval_output_is_torchvisions_format(small_config, toy_batch):

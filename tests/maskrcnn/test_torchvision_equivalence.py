@@ -17,7 +17,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from maskrcnn import MaskRCNN, ModelConfig, RPNSample
 from maskrcnn.box_ops import decode_boxes, encode_boxes
-from maskrcnn.config import RoIConfig
+from maskrcnn.config import RoIConfig, RPNConfig
 from maskrcnn.pooling import MultiLevelRoIAlign
 from maskrcnn.rpn import rpn_loss
 
@@ -50,7 +50,9 @@ def assert_same_detections(ours: list[dict[str, Tensor]], theirs: list[dict[str,
 
 
 def test_resnet50_state_dict_loads_strictly_and_detections_match():
-    canvas, num_classes = 128, 5
+    """torchvision's own R50-FPN Mask R-CNN; fewer proposals and detections than the defaults
+    (on both sides) only to keep the mask head's share of the test short."""
+    canvas, num_classes, proposals, detections = 128, 5, 300, 30
     torch.manual_seed(0)
     theirs = maskrcnn_resnet50_fpn(
         weights=None,
@@ -58,12 +60,18 @@ def test_resnet50_state_dict_loads_strictly_and_detections_match():
         num_classes=num_classes,
         min_size=canvas,
         max_size=canvas,
+        rpn_post_nms_top_n_test=proposals,
         box_score_thresh=0.0,
+        box_detections_per_img=detections,
     )
     perturb(theirs)
-    ours = MaskRCNN(
-        ModelConfig(num_classes=num_classes, canvas=canvas, roi=RoIConfig(score_thresh=0.0))
+    config = ModelConfig(
+        num_classes=num_classes,
+        canvas=canvas,
+        rpn=RPNConfig(post_nms_top_n_test=proposals),
+        roi=RoIConfig(score_thresh=0.0, detections_per_img=detections),
     )
+    ours = MaskRCNN(config)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     image = torch.rand(1, 3, canvas, canvas, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -26,7 +26,7 @@ from pipeline.preprocess import preprocess_split
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
 BOXES = pa.list_(pa.list_(pa.float32(), 4))
-CONTRACT = {  # ARCHITECTURE.md, "Shard format (contract)", plus the stored flipped targets
+CONTRACT = {  # ARCHITECTURE.md, "Shard format (contract)"
     "image_id": pa.int64(),
     "file_name": pa.string(),
     "height": pa.int32(),
@@ -40,9 +40,13 @@ CONTRACT = {  # ARCHITECTURE.md, "Shard format (contract)", plus the stored flip
     "rpn_pos": pa.list_(pa.int32()),
     "rpn_pos_deltas": BOXES,
     "rpn_ignore": pa.list_(pa.int32()),
+}
+EXTRA = {  # the flipped RPN targets (docs/design.md) and the loader's in-box mask crops
     "rpn_flip_pos": pa.list_(pa.int32()),
     "rpn_flip_pos_deltas": BOXES,
     "rpn_flip_ignore": pa.list_(pa.int32()),
+    "mask_crop_boxes": pa.list_(pa.list_(pa.int32(), 4)),
+    "mask_crops": pa.list_(pa.binary()),
 }
 
 
@@ -86,7 +90,8 @@ def test_plain_pyarrow_reads_the_contract_schema_and_metadata(train_split, sourc
     out, manifest = train_split
     dataset = pq.ParquetDataset(sorted(out.glob("part-*.parquet")))
     schema = dataset.schema
-    assert {name: schema.field(name).type for name in schema.names} == CONTRACT
+    assert {name: schema.field(name).type for name in schema.names} == {**CONTRACT, **EXTRA}
+    assert schema.names[: len(CONTRACT)] == list(CONTRACT)
     table = dataset.read()
     assert table["image_id"].to_pylist() == sorted(table["image_id"].to_pylist())
     metadata = json.loads(schema.metadata[b"maskrcnn"])
@@ -122,6 +127,11 @@ def test_rows_hold_the_resized_image_masks_boxes_and_both_rpn_targets(train_spli
         boxes = np.array(row["boxes"], np.float32).reshape(-1, 4)
         if masks is not None:  # the mask's extent is the box, up to one original pixel
             np.testing.assert_allclose(masks_to_boxes(masks), boxes, atol=1 + row["scale"])
+            for mask, crop, (x1, y1, x2, y2) in zip(
+                masks, row["mask_crops"], row["mask_crop_boxes"], strict=True
+            ):
+                assert mask.sum() == mask[y1:y2, x1:x2].sum() > 0
+                assert np.array_equal(decode_rle(crop, y2 - y1, x2 - x1), mask[y1:y2, x1:x2])
         crowd = torch.tensor(row["iscrowd"], dtype=torch.bool)
         flipped = boxes.copy()
         flipped[:, [0, 2]] = w - boxes[:, [2, 0]]

@@ -1,0 +1,220 @@
+"""Training throughput of the full path: Ray Train (1 and 2 workers) vs a torchvision-style loop.
+
+- Ray Train: ``pipeline.trainer.train`` exactly as the train stage runs it (Ray Data over the
+  Parquet shards, the loader's collate, DDP over gloo, MLflow logging to a SQLite store, a
+  checkpoint at the end), one CPU per worker, with 1 and with 2 workers.
+- torchvision-style: a plain PyTorch ``DataLoader`` (one worker process) over the COCO files,
+  transforming every sample on every step (decode, polygons/RLE -> masks, flip, resize to the
+  canvas, target dicts: ``bench/loader.py``'s torchvision-style sample), into torchvision's
+  ``MaskRCNN`` with the same backbone, canvas, batch and heads (``bench/model_step.py``'s twin),
+  SGD, one torch thread.
+
+The model is params.yaml's ``model:`` section (the demo model), the batch per worker
+``train.batch_per_worker``. Each run trains ``2 * window`` steps and is timed over the second
+window (the first one warms up: process start, first batches, allocator). Prints JSON with
+images/s and the ratios.
+
+    .venv/bin/python bench/train.py --images 48 --window 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from loader import resize_to_canvas, torchvision_style_sample  # noqa: E402
+from model_step import torchvision_twin  # noqa: E402
+
+from maskrcnn.config import ModelConfig  # noqa: E402
+from maskrcnn.model import MaskRCNN  # noqa: E402
+from pipeline.params import load_params, model_config  # noqa: E402
+from pipeline.preprocess import preprocess_split  # noqa: E402
+from pipeline.ray_runtime import ensure_ray  # noqa: E402
+from pipeline.shapes import write_shapes_dataset  # noqa: E402
+from pipeline.shards import read_manifest  # noqa: E402
+from pipeline.tracking import TrackingSettings  # noqa: E402
+from pipeline.train_config import TrainSettings  # noqa: E402
+from pipeline.trainer import train  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=48)
+    p.add_argument("--min-side", type=int, default=160)
+    p.add_argument("--max-side", type=int, default=320)
+    p.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="model: section")
+    p.add_argument("--batch", type=int, default=0, help="per worker (0: train.batch_per_worker)")
+    p.add_argument("--window", type=int, default=6, help="timed steps (after as many warm-up)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def model_summary(config: ModelConfig) -> dict:
+    return {
+        "backbone": config.backbone,
+        "canvas": config.canvas,
+        "norm": config.norm,
+        "fpn_channels": config.fpn_channels,
+        "rpn_post_nms_top_n_train": config.rpn.post_nms_top_n_train,
+        "roi_batch_size_per_image": config.roi.batch_size_per_image,
+        "representation_size": config.roi.representation_size,
+        "mask_layers": list(config.roi.mask_layers),
+    }
+
+
+class CocoFiles(Dataset):
+    """The torchvision references' way: every sample decoded and transformed when asked for."""
+
+    def __init__(self, annotation_file: Path, images_dir: Path, canvas: int) -> None:
+        self.coco = COCO(str(annotation_file))
+        self.ids = sorted(self.coco.getImgIds())
+        self.labels = {cid: i + 1 for i, cid in enumerate(sorted(self.coco.getCatIds()))}
+        self.images_dir, self.canvas = images_dir, canvas
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        flip = bool(torch.rand(()) < 0.5)
+        sample = torchvision_style_sample(
+            self.coco, self.ids[index], self.images_dir, self.labels, flip
+        )
+        image, target = resize_to_canvas(*sample, self.canvas)
+        padded = torch.zeros((3, self.canvas, self.canvas))
+        padded[:, : image.shape[1], : image.shape[2]] = image
+        return padded, target
+
+
+def as_lists(batch: list) -> tuple[list, list]:
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+def torchvision_loop(args: argparse.Namespace, config: ModelConfig, data: Path) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torchvision_twin(MaskRCNN(config)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    files = CocoFiles(
+        data / "annotations" / "instances_train.json", data / "images" / "train", config.canvas
+    )
+    loader = DataLoader(
+        files,
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=1,
+        drop_last=True,
+        collate_fn=as_lists,
+        persistent_workers=True,
+        multiprocessing_context="spawn",  # no fork of a process that runs Ray's threads
+    )
+    step, start = 0, 0.0
+    while step < 2 * args.window:
+        for images, targets in loader:
+            losses = model(images, targets)
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            step += 1
+            if step == args.window:
+                start = time.perf_counter()
+            if step == 2 * args.window:
+                break
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": round(args.window * args.batch / elapsed, 3)}
+
+
+def ray_train(args: argparse.Namespace, config: ModelConfig, root: Path, workers: int) -> dict:
+    settings = TrainSettings(
+        num_workers=workers,
+        cpus_per_worker=1,
+        batch_per_worker=args.batch,
+        steps=2 * args.window,
+        base_lr=args.lr,
+        lr_reference_batch=args.batch * workers,
+        warmup_steps=0,
+        checkpoint_every=2 * args.window,
+        log_every=args.window,
+        storage_path=str(root / "ray_results"),
+        run_name=f"bench-{workers}",
+    )
+    result = train(
+        settings=settings,
+        model_config=config,
+        shards_dir=root / "shards",
+        tracking=TrackingSettings(experiment="bench"),
+        out_dir=root / f"out-{workers}",
+        project_root=root,
+    )
+    timed = result.history[-1]  # the second window
+    return {
+        "images_per_s": round(timed["images_per_s"], 3),
+        "data_wait_fraction": round(timed["data_wait"], 3),
+        "wall_s": round(result.metrics["wall_s"], 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    load_at_start = os.getloadavg()[0]
+    params = load_params(args.params)
+    args.batch = args.batch or int(params.section("train").get("batch_per_worker", 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = root / "shapes"
+        write_shapes_dataset(
+            data,
+            n_train=args.images,
+            n_val=1,
+            seed=0,
+            min_side=args.min_side,
+            max_side=args.max_side,
+        )
+        ensure_ray(None)
+        probe = model_config(params, num_classes=2)
+        preprocess_split(
+            annotation_file=data / "annotations" / "instances_train.json",
+            images_dir=data / "images" / "train",
+            out_dir=root / "shards" / "train",
+            model_config=probe,
+            progress=False,
+        )
+        classes = len(read_manifest(root / "shards" / "train")["categories"]) + 1
+        config = model_config(params, num_classes=classes)
+        baseline = torchvision_loop(args, config, data)
+        one = ray_train(args, config, root, workers=1)
+        two = ray_train(args, config, root, workers=2)
+    result = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": model_summary(config),
+        "cpus": os.cpu_count(),
+        "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
+        "torchvision_loop": baseline,
+        "ray_train_1_worker": one,
+        "ray_train_2_workers": two,
+        "ratio_1_worker_vs_torchvision": round(one["images_per_s"] / baseline["images_per_s"], 3),
+        "ratio_2_workers_vs_1": round(two["images_per_s"] / one["images_per_s"], 3),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Checkpoint contents, RNG streams and the progress bookkeeping, without Ray."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.train_progress import LOSS_NAMES, LossWindow, format_duration, progress_line
+from pipeline.train_state import (
+    Progress,
+    read_checkpoint,
+    read_progress,
+    seed_everything,
+    state_digest,
+    stream_seed,
+    write_checkpoint,
+)
+
+
+def parts(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return model, optimizer, scheduler, scaler
+
+
+def test_checkpoint_round_trip_restores_training_exactly(tmp_path):
+    model, optimizer, scheduler, scaler = parts(seed=0)
+    for _ in range(3):
+        model(torch.randn(5, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    progress = Progress(step=3, epoch=1, batch_in_epoch=2, history=[{"step": 3, "loss": 1.5}])
+    seed_everything(7)
+    for rank in (0, 1):
+        write_checkpoint(
+            tmp_path,
+            rank=rank,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            progress=progress,
+        )
+    expected = (random.random(), np.random.rand(), torch.rand(1))  # the draws after the save
+
+    other = parts(seed=1)
+    assert state_digest(other[0]) != state_digest(model)
+    seed_everything(99)
+    restored = read_checkpoint(
+        tmp_path, rank=1, model=other[0], optimizer=other[1], scheduler=other[2], scaler=other[3]
+    )
+    assert restored == progress == read_progress(tmp_path)
+    assert state_digest(other[0]) == state_digest(model)
+    assert other[2].last_epoch == 3
+    assert other[1].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    momentum = next(iter(optimizer.state.values()))["momentum_buffer"]
+    assert torch.equal(next(iter(other[1].state.values()))["momentum_buffer"], momentum)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_a_directory_without_a_checkpoint_is_refused(tmp_path):
+    model, optimizer, scheduler, scaler = parts(seed=0)
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        read_checkpoint(
+            tmp_path, rank=0, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+        )
+
+
+def test_stream_seeds_differ_by_rank_and_step():
+    seeds = {stream_seed(0, rank, step) for rank in range(4) for step in range(4)}
+    assert len(seeds) == 16
+    assert stream_seed(0, 1, 2) == stream_seed(0, 1, 2)
+
+
+def test_loss_window_averages_over_steps():
+    window = LossWindow(torch.device("cpu"))
+    for scale in (1.0, 3.0):
+        window.add({name: torch.tensor(scale * (i + 1)) for i, name in enumerate(LOSS_NAMES)})
+    means = window.reduce(world=1)
+    assert means["loss_objectness"] == pytest.approx(2.0)
+    assert means["loss_mask"] == pytest.approx(10.0)
+    assert means["loss"] == pytest.approx(2.0 * 15)
+    window.add({name: torch.tensor(1.0) for name in LOSS_NAMES})
+    assert window.reduce(world=1)["loss"] == pytest.approx(5.0)  # a new window
+
+
+def test_progress_line_reads_well():
+    losses = {"loss": 1.5, **{name: 0.3 for name in LOSS_NAMES}}
+    line = progress_line(
+        step=40, steps=100, losses=losses, lr=0.002, images_per_s=8.06, data_wait=0.031, eta_s=3725
+    )
+    assert line == (
+        "step 40/100 | loss 1.500 (obj 0.300 rpn_box 0.300 cls 0.300 box 0.300 mask 0.300) | "
+        "lr 2.00e-03 | 8.1 img/s | data wait 3% | ETA 1:02:05"
+    )
+    assert format_duration(59.6) == "0:01:00"
