@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.params import load_params, setup_logging
 from pipeline.register import register
+from pipeline.shards import read_manifest
 
 log = logging.getLogger("stages.register")
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_metrics=eval_dir / "metrics.json",
         run_info=train_dir / "run.json",
         out_path=f"{params.path(args.out)}/decision.json",
+        categories=read_manifest(f"{params.data_path('shards_dir')}/val")["categories"],
         **params.section("register"),
     )
     log.info("%s v%s: %s", decision["model_name"], decision["version"], decision["reason"])
