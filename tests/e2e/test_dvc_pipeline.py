@@ -98,7 +98,7 @@ def test_model_is_registered_with_aliases(project: Path, first_repro: str):
     champion = client.get_model_version_by_alias("e2e-model", "champion")
     challenger = client.get_model_version_by_alias("e2e-model", "challenger")
     assert decision["champion"] is True
-    assert champion.version == challenger.version == str(decision["version"])
+    assert str(champion.version) == str(challenger.version) == str(decision["version"])
     run_id = json.loads((project / "artifacts/train/run.json").read_text())["run_id"]
     history = client.get_metric_history(run_id, "loss_mask")
     assert len(history) >= 2
