@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from loader import resize_to_canvas, torchvision_style_sample  # noqa: E402
-from model_step import torchvision_twin  # noqa: E402
+from model_step import synthetic_batch, torchvision_twin  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from maskrcnn.model import MaskRCNN  # noqa: E402
@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=6, help="timed steps (after as many warm-up)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument(
+        "--amp-probe", action="store_true", help="only time our train step, fp32 vs bf16 on CPU"
+    )
     return p.parse_args(argv)
 
 
@@ -139,6 +142,30 @@ def torchvision_loop(args: argparse.Namespace, config: ModelConfig, data: Path) 
     return {"images_per_s": round(args.window * args.batch / elapsed, 3)}
 
 
+def amp_probe(config: ModelConfig, batch: int, steps: int = 3) -> dict:
+    """Seconds per train step of our model on one synthetic batch, one thread: fp32 vs bf16
+    autocast on CPU (whether ``train.amp: bf16`` pays on this CPU)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = MaskRCNN(config).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    images, targets = synthetic_batch(config, batch, instances=4)
+    result = {}
+    for name, enabled in (("fp32", False), ("bf16", True)):
+        times = []
+        for _ in range(steps + 1):  # the first one warms up
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                losses = model(images, targets)
+            sum(losses.values()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+        result[f"{name}_s_per_step"] = round(sum(times[1:]) / steps, 3)
+    result["bf16_speedup"] = round(result["fp32_s_per_step"] / result["bf16_s_per_step"], 3)
+    return result
+
+
 def ray_train(args: argparse.Namespace, config: ModelConfig, root: Path, workers: int) -> dict:
     settings = TrainSettings(
         num_workers=workers,
@@ -174,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     load_at_start = os.getloadavg()[0]
     params = load_params(args.params)
     args.batch = args.batch or int(params.section("train").get("batch_per_worker", 2))
+    if args.amp_probe:
+        probe = amp_probe(model_config(params, num_classes=4), args.batch)
+        print(json.dumps({"batch": args.batch, "threads": 1, **probe}, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = root / "shapes"

@@ -2,7 +2,8 @@
 
 One Ray cluster for the module: a 2-CPU head node, and a second node added only for the tests
 that need two machines. The shards are built once with the data helpers; the model is tiny
-(ResNet-18, canvas 64, narrow heads) so that each run takes seconds.
+(ResNet-18, canvas 64, narrow heads) so that the steps take seconds; each run's cost is mostly
+Ray starting its controller and worker processes.
 """
 
 from __future__ import annotations
