@@ -1,10 +1,12 @@
 """Loader throughput: batches from the Parquet shards vs a torchvision-style loader over COCO files.
 
 Both produce what the model's training step consumes, in one process, same batch size, one
-pass each after one warm-up batch:
+pass each after one warm-up batch, taking batches from the two in turn (so that both see the
+same load on a shared machine):
 
 - shards: ``pipeline.loader.iter_batches`` (decode the stored JPEG, paste on the canvas, decode
-  RLE masks, flip with p=0.5, draw the 256-anchor RPN sample from the stored targets);
+  the in-box RLE mask crops, flip with p=0.5, draw the 256-anchor RPN sample from the stored
+  targets);
 - torchvision-style (as torchvision's detection references + ``GeneralizedRCNNTransform``):
   decode the original file, polygons/RLE -> masks at the original size with pycocotools,
   resize image (bilinear) and masks (nearest) to the canvas, scale boxes, pad, build targets.
@@ -129,6 +131,30 @@ def images_per_second(batches) -> float:
     return count / (time.perf_counter() - start)
 
 
+def interleaved_images_per_second(*loaders) -> list[float]:
+    """images/s of each loader over one pass, taking their batches in turn.
+
+    On a shared machine the load changes by the second; alternating batch by batch puts every
+    loader under the same conditions, so their ratio means something. The first batch of each
+    is a warm-up.
+    """
+    iterators = [iter(loader) for loader in loaders]
+    for iterator in iterators:
+        next(iterator)
+    seconds, counts = [0.0] * len(loaders), [0] * len(loaders)
+    active = set(range(len(loaders)))
+    while active:
+        for i in sorted(active):
+            start = time.perf_counter()
+            batch = next(iterators[i], None)
+            if batch is None:
+                active.discard(i)
+                continue
+            seconds[i] += time.perf_counter() - start
+            counts[i] += len(batch[0])
+    return [c / s for c, s in zip(counts, seconds, strict=True)]
+
+
 def through_ray(shards: Path, config: ModelConfig, batch: int) -> float:
     import ray
 
@@ -196,18 +222,16 @@ def main() -> None:
     config = ModelConfig(num_classes=6, canvas=args.canvas)
     with tempfile.TemporaryDirectory() as tmp:
         data = build_data(Path(tmp), **sizes)
-        shards = images_per_second(
+        shards, baseline = interleaved_images_per_second(
             iter_batches(
                 data["shards"], batch_size=args.batch_size, model_config=config, flip_prob=0.5
-            )
-        )
-        baseline = images_per_second(
+            ),
             torchvision_style_batches(
                 data["annotation_file"],
                 data["images_dir"],
                 canvas=args.canvas,
                 batch=args.batch_size,
-            )
+            ),
         )
         result = {
             **sizes,

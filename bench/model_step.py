@@ -211,7 +211,8 @@ def measure_throughput(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     for mode in ("train", "infer"):
         elapsed = dict.fromkeys(runners, 0.0)
         for step in range(args.warmup + args.steps):
-            for name, runner in runners.items():
+            order = list(runners.items())
+            for name, runner in order if step % 2 else reversed(order):  # no first-mover bias
                 seconds = runner.train_step() if mode == "train" else runner.infer_step()
                 if step >= args.warmup:
                     elapsed[name] += seconds
@@ -225,7 +226,7 @@ def measure_memory_here(args: argparse.Namespace) -> float:
     runner = build_runners(args, (args.memory_of,))[args.memory_of]
     if runner.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runner.device)
-    for _ in range(args.warmup + args.steps):
+    for _ in range(args.warmup + 2):  # the peak comes with the first steps
         runner.train_step()
     for _ in range(args.warmup + 1):
         runner.infer_step()

@@ -148,13 +148,10 @@ class RoIHeads(nn.Module):
         )
 
         positives = [p[:n] for p, n in zip(sample.proposals, sample.num_positive, strict=True)]
-        offsets = torch.tensor([0] + [len(b) for b in gt_boxes[:-1]]).cumsum(0).tolist()
-        local_gt = sample.matched_gt.split(sample.num_positive)
-        matched = [index - offset for index, offset in zip(local_gt, offsets, strict=True)]
-        size = 2 * self.config.mask_pool_size
-        targets_28 = mask_targets(gt_masks, positives, matched, size)
-        labels = torch.cat(gt_labels)[sample.matched_gt]
-        loss_mask = mask_loss(self.mask_logits(features, positives), labels, targets_28)
+        size = 2 * self.config.mask_pool_size  # the predictor's deconv doubles the pooled size
+        targets_m = mask_targets(gt_masks, positives, sample.matched_gt, size)
+        labels = sample.labels[sample.positive_index]
+        loss_mask = mask_loss(self.mask_logits(features, positives), labels, targets_m)
         return {
             "loss_classifier": loss_classifier,
             "loss_box_reg": loss_box_reg,

@@ -27,7 +27,7 @@ class RoISample(NamedTuple):
     labels: Tensor  # int64 [R], R = sum n_i: class of each sampled proposal, 0 = background
     num_positive: list[int]  # per image: its first num_positive proposals are positive
     positive_index: Tensor  # int64 [P]: rows of the concatenated sample that are positive
-    matched_gt: Tensor  # int64 [P]: index into the batch's concatenated gt of each positive
+    matched_gt: list[Tensor]  # per image, int64 [num_positive]: the gt instance of each positive
     regression_targets: Tensor  # float [P, 4]: box deltas of the positives
 
 
@@ -66,9 +66,7 @@ def sample_proposals(
     generator: torch.Generator | None = None,
 ) -> RoISample:
     """Match and sample every image's proposals (with its gt boxes appended)."""
-    kept, labels, num_positive, matched, positives = [], [], [], [], []
-    gt_offset = row_offset = 0
-    positive_rows = []
+    kept, labels, num_positive, matched, matched_boxes, positives = [], [], [], [], [], []
     for props, boxes, classes in zip(proposals, gt_boxes, gt_labels, strict=True):
         props = torch.cat([props, boxes.to(props.dtype)])
         image_labels, best_gt = match_labels(props, boxes, classes, config)
@@ -77,20 +75,20 @@ def sample_proposals(
         kept.append(props[index])
         labels.append(image_labels[index])
         num_positive.append(len(pos))
-        matched.append(best_gt[pos] + gt_offset)
+        matched.append(best_gt[pos])
+        matched_boxes.append(boxes[best_gt[pos]].to(props.dtype))
         positives.append(props[pos])
-        positive_rows.append(torch.arange(row_offset, row_offset + len(pos)))
-        gt_offset += len(boxes)
-        row_offset += len(index)
 
-    matched_gt = torch.cat(matched)
-    all_gt = torch.cat(gt_boxes).to(kept[0].dtype)
-    targets = encode_boxes(all_gt[matched_gt], torch.cat(positives), config.bbox_reg_weights)
+    sizes = [len(k) for k in kept]
+    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+    rows = [torch.arange(n) + start for n, start in zip(num_positive, starts.tolist(), strict=True)]
     return RoISample(
         proposals=kept,
         labels=torch.cat(labels),
         num_positive=num_positive,
-        positive_index=torch.cat(positive_rows).to(matched_gt.device),
-        matched_gt=matched_gt,
-        regression_targets=targets,
+        positive_index=torch.cat(rows).to(kept[0].device),
+        matched_gt=matched,
+        regression_targets=encode_boxes(
+            torch.cat(matched_boxes), torch.cat(positives), config.bbox_reg_weights
+        ),
     )

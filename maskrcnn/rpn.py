@@ -127,7 +127,7 @@ class RPN(nn.Module):
         """The batched anchor sample: the loader's, or built online from the boxes."""
         if all(key in targets[0] for key in RPN_KEYS):
             return RPNSample(
-                idx=torch.stack([t["rpn_idx"] for t in targets]).to(device),
+                idx=torch.stack([t["rpn_idx"] for t in targets]).to(device, torch.int64),
                 labels=torch.stack([t["rpn_labels"] for t in targets]).to(device, torch.float32),
                 deltas=torch.stack([t["rpn_deltas"] for t in targets]).to(device, torch.float32),
             )

@@ -128,8 +128,13 @@ def _encoded_dataset(
     items = [{"image_id": r.image_id, "record": pickle.dumps(r)} for r in records]
     blocks = max(1, math.ceil(len(items) / IMAGES_PER_TASK))
     source = ray.data.from_items(items, override_num_blocks=blocks)
-    source.context.execution_options.preserve_order = True
-    source.context.enable_progress_bars = progress
+    context = source.context  # this dataset's own copy of the DataContext
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = progress
+    # Per-operator resource reservation keeps half the CPUs back for other operators; with a
+    # single map operator it only halves the parallelism on small machines (measured on 2 CPUs:
+    # 1.0 task at a time instead of 1.7; docs/benchmarks.md, "Preprocess").
+    context.op_resource_reservation_enabled = False
     return source.map_batches(
         encode_batch,
         batch_size=IMAGES_PER_TASK,

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-STOP_GRACE_S = 15
+STOP_GRACE_S = 5  # Ray's GCS and raylets take longer to exit on SIGTERM: no need to wait
 
 
 def sandbox_processes(root: Path) -> list[psutil.Process]:

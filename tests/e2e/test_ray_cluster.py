@@ -36,7 +36,7 @@ BIN = Path(sys.executable).parent
 STAGES = ["synthesize", "preprocess", "train", "evaluate", "register"]
 RUN_NAME, MODEL_NAME = "cluster-e2e", "cluster-model"
 STEPS, LOG_EVERY = 4, 2
-START_TIMEOUT_S, JOB_TIMEOUT_S = 120, 420
+START_TIMEOUT_S, JOB_TIMEOUT_S = 120, 600
 OBJECT_STORE_BYTES = 200 * 1024**2
 # What operators run: no .git travels with --working-dir, so DVC is told it has no SCM.
 ENTRYPOINT = "dvc config --local core.no_scm true && dvc repro"
@@ -80,6 +80,17 @@ def wait_for_http(url: str, *, timeout_s: float, alive: Callable[[], bool], what
             pass
         time.sleep(0.5)
     pytest.fail(f"{what} did not answer on {url} in {timeout_s:.0f} s")
+
+
+def wait_for_port(port: int, *, proc: subprocess.Popen, log: Path, what: str) -> None:
+    """Wait until ``proc`` (still running, or finished well) accepts connections on ``port``."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() in (None, 0):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"{what}: nothing listens on port {port}:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +149,14 @@ def servers(sandbox: Path, env: dict[str, str]) -> dict[str, str]:
          f"--ray-client-server-port={free_port()}"],
         cwd=sandbox, env=ray_env, log="head.log",
     )  # fmt: skip
-    finish(head, log=sandbox / "head.log", what="ray start --head")
+    wait_for_port(gcs_port, proc=head, log=sandbox / "head.log", what="ray start --head")
     common[-1] = f"--dashboard-agent-listen-port={free_port()}"
-    worker = start(
+    worker = start(  # while the head starts its dashboard: the worker only needs the GCS
         [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs_port}", *common,
          f"--temp-dir={sandbox / 'node'}"],
         cwd=sandbox, env=ray_env, log="worker.log",
     )  # fmt: skip
+    finish(head, log=sandbox / "head.log", what="ray start --head")
     finish(worker, log=sandbox / "worker.log", what="ray start --address")
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     alive = [n for n in state(dashboard, "nodes", env) if n["state"] == "ALIVE"]
@@ -201,15 +213,19 @@ def job(servers: dict[str, str], project: Path, env: dict[str, str], sandbox: Pa
         proc = subprocess.run(command, cwd=sandbox, env=env, capture_output=True, text=True,
                               timeout=JOB_TIMEOUT_S)  # fmt: skip
     except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"job {job_id} ran over {JOB_TIMEOUT_S} s:\n{str(timeout.stdout)[-8000:]}")
+        log = timeout.stdout or b""  # bytes, even with text=True
+        log = log.decode(errors="replace") if isinstance(log, bytes) else log
+        pytest.fail(f"job {job_id} ran over {JOB_TIMEOUT_S} s:\n{log[-8000:]}")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"job {job_id} failed:\n{output[-8000:]}"
     return output
 
 
-def test_job_runs_every_stage(job: str):
+def test_job_runs_every_stage_and_each_joins_the_cluster(job: str):
     assert re.findall(r"Running stage '(\w+)'", job) == STAGES
-    assert "succeeded" in job
+    joined = re.findall(r"joining Ray cluster at (\S+)", job)  # from RAY_ADDRESS, set by Ray
+    assert len(joined) == 3 and len(set(joined)) == 1, joined  # preprocess, train, evaluate
+    assert "starting a local Ray runtime" not in job
 
 
 def test_training_ran_one_worker_on_each_node(job: str, servers: dict[str, str], env):

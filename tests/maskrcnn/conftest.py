@@ -11,10 +11,11 @@ from maskrcnn.config import RoIConfig, RPNConfig
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    """The machine is shared: two threads are plenty for these sizes."""
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-wait for each other
+    whenever a core is taken away (a tiny training step went from 0.3 s to 3 s with two)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 

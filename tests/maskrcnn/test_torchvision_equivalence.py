@@ -13,12 +13,13 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from maskrcnn import MaskRCNN, ModelConfig, RPNSample
 from maskrcnn.box_ops import decode_boxes, encode_boxes
 from maskrcnn.config import RoIConfig, RPNConfig
 from maskrcnn.pooling import MultiLevelRoIAlign
+from maskrcnn.roi_align_cpu import roi_align_fast_grad
 from maskrcnn.rpn import rpn_loss
 
 MIN_DETECTIONS = 20
@@ -153,6 +154,20 @@ def test_training_losses_match_torchvision_given_the_same_samples(small_config, 
     for name in expected:
         assert expected[name].item() > 0
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    # And the gradients, through our RoIAlign backward among others.
+    sum(expected.values()).backward()
+    sum(got.values()).backward()
+    theirs = dict(twin.named_parameters())
+    for name in (
+        "backbone.body.layer1.0.conv1.weight",
+        "backbone.fpn.inner_blocks.0.0.weight",
+        "rpn.head.conv.0.0.weight",
+        "roi_heads.box_head.fc6.weight",
+        "roi_heads.mask_head.0.0.weight",
+    ):
+        grad = dict(ours.named_parameters())[name].grad
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(grad, theirs[name].grad, rtol=1e-3, atol=1e-6)
 
 
 def test_batched_eval_matches_torchvision(small_config, toy_batch):
@@ -245,3 +260,24 @@ def test_box_coding_equals_torchvision_box_coder():
     deltas = torch.randn(30, 3, 4, generator=gen)
     expected = coder.decode_single(deltas.reshape(30, 12), boxes).reshape(30, 3, 4)
     assert torch.equal(decode_boxes(deltas, boxes, weights), expected)
+
+
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+def test_fast_roi_align_gradient_equals_torchvision(sampling_ratio):
+    gen = torch.Generator().manual_seed(sampling_ratio)
+    features = torch.randn(2, 5, 20, 28, generator=gen, requires_grad=True)
+    xy = torch.rand(200, 2, generator=gen) * torch.tensor([28.0, 20.0]) * 4 * 1.2 - 10
+    wh = torch.rand(200, 2, generator=gen) * 60  # some outside the map, some thinner than a cell
+    rois = torch.cat([torch.randint(0, 2, (200, 1), generator=gen).float(), xy, xy + wh], dim=1)
+    expected = roi_align(features, rois, (7, 7), 0.25, sampling_ratio)
+    got = roi_align_fast_grad(features, rois, (7, 7), 0.25, sampling_ratio)
+    assert torch.equal(got, expected)
+    grad_output = torch.randn(expected.shape, generator=gen)
+    (want,) = torch.autograd.grad(expected, features, grad_output)
+    (have,) = torch.autograd.grad(got, features, grad_output)
+    assert want.abs().max() > 1
+    torch.testing.assert_close(have, want, rtol=0, atol=1e-5)
+    (empty,) = torch.autograd.grad(
+        roi_align_fast_grad(features, rois[:0], (7, 7), 0.25, 2).sum(), features
+    )
+    assert torch.equal(empty, torch.zeros_like(features))
