@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo test lint bench clean-demo
+.PHONY: install demo test test-cluster lint
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not cluster"
+
+## The multi-process Ray cluster + MLflow server test (5-7 minutes on 2 cores).
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
