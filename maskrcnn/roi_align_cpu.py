@@ -1,12 +1,12 @@
 """``roi_align`` with a fast CPU backward; the forward is torchvision's, bit for bit.
 
 torchvision's CPU ``roi_align`` backward is a single-threaded loop that recomputes the bilinear
-weights of every sample for every channel; in a CPU training step it costs several times the
-forward and, on two cores, about a fifth of the step. With a fixed sampling grid the gradient is a
+weights of every sample for every channel: several times the forward, about a tenth of a CPU
+training step (docs/benchmarks.md, "Model step"). With a fixed sampling grid the gradient is a
 sparse matrix product instead: each output bin reads ``sampling_ratio**2`` points, each point four
 feature cells with bilinear weights. Those weights are computed once per (RoI, bin) and the
-feature gradient is the sparse product ``W^T @ grad_output``: about 7x faster on one core. On
-other devices, or with an adaptive sampling grid, torchvision's own backward runs.
+feature gradient is the sparse product ``W^T @ grad_output``, 3-7x faster on one core. On other
+devices, or with an adaptive sampling grid, torchvision's own backward runs.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from .coco import DataError, ImageRecord, instance_boxes, instance_masks, load_i
 from .images import resized_size
 from .masks import encode_rle, encode_rles, masks_to_boxes
 from .ray_runtime import ensure_ray
-from .shards import SCHEMA, SplitWriter, rows_to_table, shard_metadata
+from .shard_writer import SplitWriter
+from .shards import SCHEMA, rows_to_table, shard_metadata
 
 log = logging.getLogger(__name__)
 

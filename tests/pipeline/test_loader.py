@@ -18,7 +18,8 @@ from pipeline.coco import instance_masks, read_coco
 from pipeline.loader import decode_batch, iter_batches, make_collate_fn
 from pipeline.masks import masks_to_boxes
 from pipeline.preprocess import encode_record
-from pipeline.shards import SplitWriter, rows_to_table, shard_metadata, shard_paths
+from pipeline.shard_writer import SplitWriter
+from pipeline.shards import rows_to_table, shard_metadata, shard_paths
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
 S = CONFIG.canvas

@@ -18,7 +18,7 @@ from PIL import Image
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import build_rpn_targets
-from pipeline import shards
+from pipeline import shard_writer, shards
 from pipeline.coco import DataError
 from pipeline.loader import iter_batches, make_collate_fn, ray_dataset
 from pipeline.masks import decode_rle, masks_to_boxes
@@ -182,8 +182,8 @@ def test_interrupted_run_leaves_only_complete_shards(source, tmp_path, monkeypat
         written.append(path.name)
         return real_write(table, path, metadata)
 
-    real_write = shards.write_shard
-    monkeypatch.setattr(shards, "write_shard", write_two_then_fail)
+    real_write = shard_writer.write_shard
+    monkeypatch.setattr(shard_writer, "write_shard", write_two_then_fail)
     with pytest.raises(OSError, match="killed"):
         _preprocess(source, tmp_path / "train")
     assert written == ["part-00000.parquet", "part-00001.parquet"]

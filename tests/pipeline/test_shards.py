@@ -9,20 +9,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskrcnn.config import ModelConfig, RPNConfig
-from pipeline import shards
+from pipeline import shard_writer, shards
 from pipeline.coco import read_coco
 from pipeline.preprocess import encode_record
+from pipeline.shard_writer import SplitWriter, write_shard
 from pipeline.shards import (
     MANIFEST,
     SCHEMA,
-    SplitWriter,
     check_compatible,
     read_manifest,
     read_shard_metadata,
     rows_to_table,
     shard_metadata,
     shard_paths,
-    write_shard,
 )
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
@@ -94,7 +93,7 @@ def test_a_failed_shard_write_leaves_no_part_file(tmp_path, shapes_rows, monkeyp
         sink.write(b"PAR1 partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(shards.pq, "write_table", write_half_then_fail)
+    monkeypatch.setattr(shard_writer.pq, "write_table", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         write_shard(rows_to_table(rows[:2]), tmp_path / "part-00000.parquet", _metadata(index))
     assert list(tmp_path.iterdir()) == []
@@ -113,8 +112,8 @@ def test_an_interrupted_split_keeps_the_previous_one_whole(tmp_path, shapes_rows
             raise KeyboardInterrupt
         return real_write(table, path, metadata)
 
-    real_write = shards.write_shard
-    monkeypatch.setattr(shards, "write_shard", fail_on_third_shard)
+    real_write = shard_writer.write_shard
+    monkeypatch.setattr(shard_writer, "write_shard", fail_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         _write_split(out, rows[::-1], index)
     assert len(calls) == 3
