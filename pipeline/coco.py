@@ -8,6 +8,11 @@ a counted ``Skip`` with its reason. Image files are opened later, by ``load_imag
 raises ``DataError`` for a missing, unreadable or wrongly sized file so that the caller
 (preprocess) can count it as a skip. docs/data.md lists every case and why it is an error or
 a skip.
+
+The annotation file and the images directory are local paths or URIs (``s3://``, ``gs://``,
+``file://``, any fsspec protocol: ``pipeline.storage``). An image on object storage is read
+with one request and no separate existence check: a missing one fails that read, which is
+the same counted skip as a missing local file.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from . import storage
 from .coco_validate import Box, Rejected, Segmentation, check_annotation
 from .images import ImageReadError, read_rgb, resized_size
 from .masks import decode_segmentation, rasterize_polygons, resize_mask
@@ -55,10 +61,17 @@ class ImageRecord:
 
     image_id: int
     file_name: str
-    path: Path
+    images_dir: Path | str  # a local directory, or a URI (see ``storage.locate``)
     height: int
     width: int
     instances: tuple[Instance, ...]
+
+    @property
+    def path(self) -> Path | str:
+        """The image file: a Path under a local images_dir, else its URI."""
+        if isinstance(self.images_dir, Path):
+            return self.images_dir / self.file_name
+        return storage.join(self.images_dir, self.file_name)
 
 
 @dataclass(frozen=True)
@@ -74,17 +87,22 @@ class Skip:
 class CocoIndex:
     """The checked content of one annotation file."""
 
-    annotation_file: Path
-    images_dir: Path
+    annotation_file: Path | str  # a Path when local, else a URI (``storage.locate``)
+    images_dir: Path | str
     sha256: str  # of the annotation file's bytes
     categories: list[dict[str, Any]]  # [{"id", "name", "label"}], sorted by id
     records: list[ImageRecord]  # sorted by image id
     skipped: list[Skip] = field(default_factory=list)
 
 
-def read_coco(annotation_file: str | Path, images_dir: str | Path) -> CocoIndex:
-    """Parse and check a COCO instances file whose file names are relative to images_dir."""
-    path, images_dir = Path(annotation_file), Path(images_dir)
+def read_coco(annotation_file: storage.Location, images_dir: storage.Location) -> CocoIndex:
+    """Parse and check a COCO instances file whose file names are relative to images_dir.
+
+    Both may be local paths or URIs; image files are not opened here (see ``load_image``).
+    """
+    path, images_dir = storage.locate(annotation_file), storage.locate(images_dir)
+    if isinstance(images_dir, str):
+        storage.filesystem(images_dir)  # an unknown protocol is an error now, not a skip per image
     raw = _read_bytes(path)
     data = _parse_json(path, raw)
     categories = _categories(path, data)
@@ -141,7 +159,7 @@ def read_coco(annotation_file: str | Path, images_dir: str | Path) -> CocoIndex:
         ImageRecord(
             image_id=image_id,
             file_name=image["file_name"],
-            path=images_dir / image["file_name"],
+            images_dir=images_dir,
             height=image["height"],
             width=image["width"],
             instances=tuple(instances[image_id]),
@@ -165,7 +183,7 @@ def load_image(record: ImageRecord) -> np.ndarray:
     """HxWx3 uint8 RGB pixels of a record's image; DataError if missing, unreadable or resized."""
     where = f"image_id={record.image_id}"
     try:
-        pixels = read_rgb(record.path)
+        pixels = read_image(record.images_dir, record.file_name)
     except ImageReadError as error:
         raise DataError(record.path, where, str(error)) from None
     height, width = pixels.shape[:2]
@@ -177,6 +195,24 @@ def load_image(record: ImageRecord) -> np.ndarray:
             f"{record.height}x{record.width}",
         )
     return pixels
+
+
+def read_image(images_dir: storage.Location, file_name: str) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of ``file_name`` under ``images_dir`` (a local path or a URI);
+    ImageReadError when the file is missing or unreadable.
+
+    A local file is opened directly; from other storage the bytes are read in one request.
+    """
+    images_dir = storage.locate(images_dir)
+    if isinstance(images_dir, Path):
+        return read_rgb(images_dir / file_name)
+    try:
+        data = storage.read_under(images_dir, file_name)
+    except FileNotFoundError:
+        raise ImageReadError("image file not found") from None
+    except OSError as error:
+        raise ImageReadError(f"cannot read the image file: {error}") from None
+    return read_rgb(data)
 
 
 def instance_masks(record: ImageRecord, *, scale: float) -> np.ndarray:
@@ -205,9 +241,9 @@ def instance_boxes(record: ImageRecord, *, scale: float) -> np.ndarray:
     return (boxes * factors).astype(np.float32)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path | str) -> bytes:
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes() if isinstance(path, Path) else storage.read_bytes(path)
     except FileNotFoundError:
         raise DataError(path, "file", "annotation file not found") from None
     except OSError as error:
@@ -217,7 +253,7 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def _parse_json(path: Path, raw: bytes) -> dict[str, Any]:
+def _parse_json(path: Path | str, raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as error:
@@ -233,7 +269,7 @@ def _parse_json(path: Path, raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _categories(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+def _categories(path: Path | str, data: dict[str, Any]) -> list[dict[str, Any]]:
     """Categories sorted by id, with contiguous labels 1..K."""
     by_id: dict[int, str] = {}
     for index, category in enumerate(data["categories"]):
@@ -251,7 +287,7 @@ def _categories(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _images(
-    path: Path, data: dict[str, Any], images_dir: Path
+    path: Path | str, data: dict[str, Any], images_dir: Path | str
 ) -> tuple[dict[int, dict[str, Any]], dict[Any, str], list[Skip]]:
     """Usable image entries by id, refused image ids with their reason, and other skips."""
     entries = data["images"]

@@ -12,13 +12,14 @@ import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from . import storage
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,16 @@ def _quiet_pycocotools():
         log.debug("pycocotools:\n%s", buffer.getvalue().rstrip())
 
 
-def load_ground_truth(annotation_file: str | Path) -> COCO:
-    """The original COCO annotation file, as pycocotools reads it."""
-    path = Path(annotation_file)
+def load_ground_truth(annotation_file: storage.Location) -> COCO:
+    """The original COCO annotation file (a path or a URI), as pycocotools reads it."""
+    path = storage.locate(annotation_file)
+    if isinstance(path, str):  # pycocotools opens local files only
+        dataset = storage.read_json(path)
+        with _quiet_pycocotools():
+            coco = COCO()
+            coco.dataset = dataset
+            coco.createIndex()
+        return coco
     if not path.is_file():
         raise ValueError(f"annotation file {path} does not exist")
     with _quiet_pycocotools():

@@ -28,6 +28,8 @@ import ray.data
 import torch
 from PIL import Image
 
+from . import storage
+from .coco import read_image
 from .cocoeval import (
     flat_metrics,
     load_ground_truth,
@@ -36,12 +38,11 @@ from .cocoeval import (
     summary_table,
     to_coco_results,
 )
-from .images import read_rgb
 from .masks import decode_rle
 from .overlay import draw_detections, save_overlay
 from .predict import Detector, read_model_info
 from .ray_runtime import ensure_ray
-from .shards import read_manifest, shard_paths
+from .shards import read_manifest, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def evaluate(
             f"were made for canvas {manifest['canvas']}: preprocess with the model's canvas"
         )
     gt = load_ground_truth(annotation_file)
-    _check_source(manifest, Path(annotation_file))
+    _check_source(manifest, annotation_file)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "overlays", ignore_errors=True)  # none left from an earlier run
@@ -140,7 +141,7 @@ def evaluate(
     (out / "predictions.json").write_text(json.dumps(results) + "\n")
     _write_csv(out / "pr_curve.csv", pr_curve_rows(scores))
     _write_overlays(
-        images[:num_overlays], results, images_dir=Path(images_dir), out_dir=out / "overlays",
+        images[:num_overlays], results, images_dir=images_dir, out_dir=out / "overlays",
         categories=manifest["categories"], threshold=overlay_score_threshold,
     )
     if tracking_run:
@@ -160,7 +161,8 @@ def _predict(
     """[(image_id, file_name)] in image-id order, and every image's COCO results."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     pool_size = _pool_size(concurrency, gpu=bool(gpus))
-    dataset = ray.data.read_parquet([str(p) for p in shard_paths(shards_dir)], columns=READ_COLUMNS)
+    filesystem, paths = shard_files(shards_dir)
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=READ_COLUMNS)
     predicted = dataset.map_batches(
         ShardPredictor,
         fn_constructor_kwargs={
@@ -195,10 +197,10 @@ def _pool_size(concurrency: int, *, gpu: bool) -> int:
     return size
 
 
-def _check_source(manifest: Mapping[str, Any], annotation_file: Path) -> None:
+def _check_source(manifest: Mapping[str, Any], annotation_file: storage.Location) -> None:
     """Warn when the shards were made from another annotation file than the one scored against."""
     expected = manifest.get("annotation_sha256")
-    actual = hashlib.sha256(annotation_file.read_bytes()).hexdigest()
+    actual = hashlib.sha256(storage.read_bytes(annotation_file)).hexdigest()
     if expected and expected != actual:
         log.warning("%s differs from the annotation file the shards were made from "
                     "(sha256 %s...): scores may not mean what you think", annotation_file,
@@ -216,7 +218,7 @@ def _write_overlays(
     images: Sequence[tuple[int, str]],
     results: Sequence[Mapping[str, Any]],
     *,
-    images_dir: Path,
+    images_dir: storage.Location,
     out_dir: Path,
     categories: Sequence[Mapping[str, Any]],
     threshold: float,
@@ -231,9 +233,10 @@ def _write_overlays(
     written = []
     for image_id, file_name in images:
         try:
-            pixels = read_rgb(images_dir / file_name)
+            pixels = read_image(images_dir, file_name)
         except ValueError as err:
-            log.warning("no overlay for image %s (%s): %s", image_id, images_dir / file_name, err)
+            where = storage.join(images_dir, file_name)
+            log.warning("no overlay for image %s (%s): %s", image_id, where, err)
             continue
         kept = by_image.get(image_id, [])
         height, width = pixels.shape[:2]

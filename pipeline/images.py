@@ -6,6 +6,7 @@ height/width describe the upright image), and every pixel format is brought to 8
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -19,14 +20,18 @@ class ImageReadError(ValueError):
     """The file is missing, not an image, truncated or in a format that has no RGB meaning."""
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """The HxWx3 uint8 RGB pixels of an image file, EXIF orientation applied."""
-    if not path.is_file():
+def read_rgb(source: Path | bytes) -> np.ndarray:
+    """The HxWx3 uint8 RGB pixels of an image file, EXIF orientation applied.
+
+    ``source`` is a local path, or the file's bytes when it was read from object storage.
+    """
+    if isinstance(source, Path) and not source.is_file():
         raise ImageReadError("image file not found")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns about odd metadata it then handles
-            with Image.open(path) as image:
+            opened = io.BytesIO(source) if isinstance(source, bytes) else source
+            with Image.open(opened) as image:
                 image.load()  # decodes now, so a truncated file fails here, not later
                 upright = ImageOps.exif_transpose(image)
                 return to_rgb(upright)

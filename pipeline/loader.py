@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,8 @@ from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import RPNTargets, sample_rpn_targets
 
-from .shards import check_compatible, shard_paths
+from . import storage
+from .shards import check_compatible, shard_files
 
 __all__ = [
     "ShardCollateFn",
@@ -176,7 +176,7 @@ def _arrow_columns(table: pa.Table) -> dict[str, list[Any]]:
 
 
 def iter_batches(
-    split_dir: str | Path,
+    split_dir: storage.Location,
     *,
     batch_size: int,
     model_config: ModelConfig,
@@ -188,11 +188,12 @@ def iter_batches(
     """Model-ready batches from a split's shards, without Ray; one shard in memory at a time.
 
     ``shuffle`` permutes the shard order and the rows within each shard (by ``seed``).
+    ``split_dir`` is a local path or a URI.
     """
     metadata = check_compatible(split_dir, model_config)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    paths = shard_paths(split_dir)
+    filesystem, paths = shard_files(split_dir)
     if shuffle:
         paths = [paths[i] for i in rng.permutation(len(paths))]
     decode = {
@@ -205,7 +206,7 @@ def iter_batches(
     }
     pending: pa.Table | None = None
     for path in paths:
-        table = pq.read_table(path, columns=list(COLUMNS))
+        table = pq.read_table(path, columns=list(COLUMNS), filesystem=filesystem)
         if shuffle:
             table = table.take(rng.permutation(table.num_rows))
         pending = table if pending is None else pa.concat_tables([pending, table])
@@ -217,12 +218,16 @@ def iter_batches(
 
 
 def ray_dataset(
-    split_dir: str | Path, *, model_config: ModelConfig | None = None
+    split_dir: storage.Location, *, model_config: ModelConfig | None = None
 ) -> ray.data.Dataset:
-    """A Ray dataset over a split's shards (after checking them against ``model_config``)."""
+    """A Ray dataset over a split's shards (after checking them against ``model_config``).
+
+    ``split_dir`` must be a location every node reads: a shared path or an object store URI.
+    """
     if model_config is not None:
         check_compatible(split_dir, model_config)
-    return ray.data.read_parquet([str(p) for p in shard_paths(split_dir)], columns=list(COLUMNS))
+    filesystem, paths = shard_files(split_dir)
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=list(COLUMNS))
 
 
 class ShardCollateFn(ArrowBatchCollateFn):

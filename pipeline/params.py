@@ -15,10 +15,7 @@ from typing import Any
 import yaml
 
 from maskrcnn.config import ModelConfig
-
-SECTIONS = (
-    "data", "shapes", "model", "preprocess", "train", "evaluate", "register", "tracking", "ray",
-)  # fmt: skip
+from pipeline.params_check import SECTIONS, check_sections
 
 
 @dataclass(frozen=True)
@@ -52,8 +49,10 @@ class Params:
         return (self.raw.get("ray") or {}).get("address") or None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and check params.yaml; unknown top-level sections are an error (likely a typo)."""
+def load_params(path: str | Path = "params.yaml", *, complete: bool = False) -> Params:
+    """Read and check params.yaml: unknown sections and keys, wrong types and out-of-range
+    values are a ValueError naming the file and the key (``pipeline.params_check``), before
+    any stage starts work. ``complete``: also require every section, as a full recipe must."""
     source = Path(path).resolve()
     if not source.exists():
         raise FileNotFoundError(f"params file not found: {source}")
@@ -66,6 +65,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{source}: unknown sections {unknown}; known: {list(SECTIONS)}")
+    check_sections(raw, source, complete=complete)
     return Params(raw=raw, root=source.parent, source=source)
 
 

@@ -27,6 +27,7 @@ from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import build_rpn_targets
 
+from . import storage
 from .coco import DataError, ImageRecord, instance_boxes, instance_masks, load_image, read_coco
 from .images import resized_size
 from .masks import encode_rle, encode_rles, masks_to_boxes
@@ -50,9 +51,9 @@ def canvas_scale(height: int, width: int, canvas: int) -> float:
 
 def preprocess_split(
     *,
-    annotation_file: str | Path,
-    images_dir: str | Path,
-    out_dir: str | Path,
+    annotation_file: storage.Location,
+    images_dir: storage.Location,
+    out_dir: storage.Location,
     model_config: ModelConfig,
     image_format: str = "jpeg",
     jpeg_quality: int = 95,
@@ -63,21 +64,22 @@ def preprocess_split(
     """Write ``out_dir/part-NNNNN.parquet`` and ``out_dir/manifest.json``; returns the manifest.
 
     The split is named after ``out_dir``. Unusable records are skipped and listed in the
-    manifest with their reason; a split left with no image is a DataError. On a multi-node
-    cluster, Ray workers open the image files: ``images_dir`` must be the same path on every
-    node (a shared filesystem).
+    manifest with their reason; a split left with no image is a DataError. Every location may
+    be a local path or a URI (``pipeline.storage``). On a multi-node cluster, Ray workers open
+    the image files: ``images_dir`` must be the same path on every node (a shared filesystem)
+    or object storage; the driver writes the shards.
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
     index = read_coco(annotation_file, images_dir)
-    out_dir = Path(out_dir)
+    out_dir = storage.locate(out_dir)
     metadata = shard_metadata(
         model_config=model_config,
         categories=index.categories,
         annotation_sha256=index.sha256,
-        split=out_dir.name,
+        split=out_dir.name if isinstance(out_dir, Path) else out_dir.rsplit("/", 1)[-1],
         image_format=image_format,
     )
     skipped = [_skip_entry(s.file, s.record, s.reason) for s in index.skipped]

@@ -14,7 +14,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; idempotent.
 
     ``num_cpus`` only applies to a local Ray started here. A plain ``ray.init()`` would attach to
-    any cluster already running on this machine; ``address="local"`` always starts our own.
+    any cluster already running on this machine; ``address="local"`` always starts our own. It
+    runs the dashboard: users watch jobs there, and Ray Train's placement-group cleaner polls the
+    state API that the dashboard serves (without it, it warns every second).
     """
     if ray.is_initialized():
         return
@@ -23,8 +25,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        log.info("starting a local Ray runtime")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        context = ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True
+        )
+        log.info("started a local Ray runtime; dashboard: http://%s", context.dashboard_url)
 
 
 def cluster_node_count() -> int:

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup, then step decay or cosine decay.
+"""The optimizer and its learning-rate schedule: linear warmup, then step or cosine decay.
 
 The factor is a pure function of the optimizer step, so a resumed run lands on exactly the
 learning rate it would have had, whatever the scheduler state holds.
@@ -39,6 +39,18 @@ def lr_factor(
         alpha = step / warmup_steps
         main *= warmup_factor * (1.0 - alpha) + alpha
     return main
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], settings: TrainSettings
+) -> torch.optim.Optimizer:
+    """SGD with momentum (the Mask R-CNN recipe) or AdamW (decoupled weight decay), at the
+    peak learning rate; the scheduler scales it."""
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
 
 
 def make_scheduler(

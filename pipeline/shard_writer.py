@@ -3,6 +3,12 @@
 A reader, or a run that dies half-way, never sees a partial ``part-*.parquet`` or a split that
 mixes parts of two runs: parts are written under a temporary name, fsynced and renamed, into a
 hidden scratch directory that replaces the split only once its manifest is written.
+
+The split may also go to object storage (``s3://``, ``gs://``, any fsspec URI), which has no
+atomic rename: there the split is written the same way in a local temporary directory, then
+uploaded with its manifest last, the old manifest removed first. A reader, which needs the
+manifest, sees the old split, no split, or the new one, never a mix. A ``file://`` URI is a
+local path and gets the renames.
 """
 
 from __future__ import annotations
@@ -11,13 +17,18 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from . import storage
 from .shards import MANIFEST, METADATA_KEY, PART_GLOB, SCHEMA
 
 log = logging.getLogger(__name__)
@@ -55,26 +66,29 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> int:
 class SplitWriter:
     """Writes a split's shards in order and replaces the split directory as a whole.
 
-    Parts go to a hidden scratch directory beside ``out_dir``; ``finish`` writes the manifest
-    (last) and swaps the scratch directory in, so readers see the old split or the new one,
-    never a mix. On an error the scratch directory is removed and ``out_dir`` is untouched.
+    ``out_dir`` is a local path (or ``file://`` URI) or an object storage URI. Parts go to a
+    scratch directory; ``finish`` writes the manifest (last) and publishes the split, so readers
+    see the old split or the new one, never a mix. On an error the scratch directory is
+    removed and ``out_dir`` is untouched.
     """
 
-    def __init__(self, out_dir: str | Path, *, metadata: dict[str, Any], rows_per_shard: int):
+    def __init__(
+        self, out_dir: storage.Location, *, metadata: dict[str, Any], rows_per_shard: int
+    ):
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
-        self.out_dir = Path(out_dir)
+        self.out_dir = storage.locate(out_dir)
         self.metadata = metadata
         self.rows_per_shard = rows_per_shard
         self.shards: list[dict[str, Any]] = []
         self.rows = 0  # rows added so far
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        _check_replaceable(self.out_dir)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _remove_scratch_dirs(self.out_dir)
-        self.work_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex}"
-        self.work_dir.mkdir()
+        if isinstance(self.out_dir, Path):
+            self._target: _LocalSplit | _RemoteSplit = _LocalSplit(self.out_dir)
+        else:
+            self._target = _RemoteSplit(self.out_dir)
+        self.work_dir = self._target.work_dir
 
     def __enter__(self) -> SplitWriter:
         return self
@@ -106,7 +120,7 @@ class SplitWriter:
         log.info("wrote %s (%d images, %.1f MB)", name, rows, size / 1e6)
 
     def finish(self, counts: dict[str, Any]) -> dict[str, Any]:
-        """Write the last shard and the manifest, swap the split in; returns the manifest.
+        """Write the last shard and the manifest, publish the split; returns the manifest.
 
         ``counts`` (images, instances, skipped, ...) go into the manifest with the bytes written.
         """
@@ -116,28 +130,78 @@ class SplitWriter:
         counts = {**counts, "shards": len(self.shards), "bytes_written": written}
         manifest = {**self.metadata, "counts": counts, "shards": self.shards}
         write_json_atomic(self.work_dir / MANIFEST, manifest)
-        old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex}"
-        if self.out_dir.exists():
-            os.replace(self.out_dir, old)
-        os.replace(self.work_dir, self.out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        self._target.publish()
         return manifest
 
     def abort(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def _check_replaceable(out_dir: Path) -> None:
+class _LocalSplit:
+    """A split directory on a local or mounted (NFS) filesystem: built in a hidden scratch
+    directory beside it and swapped in by renames, which are atomic."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"shards directory {out_dir} exists and is not a directory")
+        if out_dir.is_dir():
+            _check_replaceable(out_dir, (p.name for p in out_dir.iterdir()))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_scratch_dirs(out_dir)
+        self.work_dir = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
+        self.work_dir.mkdir()
+
+    def publish(self) -> None:
+        old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex}"
+        if self.out_dir.exists():
+            os.replace(self.out_dir, old)
+        os.replace(self.work_dir, self.out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _RemoteSplit:
+    """A split on object storage, which has no rename: built in a local temporary directory
+    (it needs room for the split), then uploaded with the manifest last.
+
+    The old manifest is deleted before the upload and its stale parts after it, so a reader
+    finds the old split, no split (a clear error: run preprocess), or the new one.
+    """
+
+    def __init__(self, location: str):
+        self.location = location
+        self.fs, root = storage.filesystem(location)
+        self.root = root.rstrip("/")
+        _check_replaceable(location, self._names())
+        self.work_dir = Path(tempfile.mkdtemp(prefix="maskrcnn-split-"))
+
+    def _names(self) -> list[str]:
+        """The names directly under the split's location ([] when there is none yet)."""
+        if self.fs.get_file_info(self.root).type == pafs.FileType.File:
+            raise ValueError(f"shards directory {self.location} exists and is not a directory")
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        return [info.base_name for info in self.fs.get_file_info(selector)]
+
+    def publish(self) -> None:
+        before = self._names()
+        if MANIFEST in before:
+            self.fs.delete_file(f"{self.root}/{MANIFEST}")
+        written = storage.upload_dir(self.work_dir, self.location, last=[MANIFEST])
+        new = {w.rsplit("/", 1)[1] for w in written}
+        for name in before:
+            if name not in new and _ours(name):
+                self.fs.delete_file(f"{self.root}/{name}")
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _ours(name: str) -> bool:
+    """A file that preprocess writes into a split directory."""
+    return fnmatch(name, PART_GLOB) or name == MANIFEST or ".tmp-" in name
+
+
+def _check_replaceable(out_dir: Path | str, names: Iterable[str]) -> None:
     """Refuse to replace a directory that holds anything preprocess did not write."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ValueError(f"shards directory {out_dir} exists and is not a directory")
-    foreign = [
-        p.name
-        for p in out_dir.iterdir()
-        if not (p.match(PART_GLOB) or p.name == MANIFEST or ".tmp-" in p.name)
-    ]
+    foreign = [name for name in names if not _ours(name)]
     if foreign:
         raise ValueError(
             f"refusing to replace {out_dir}: it holds files that preprocess did not write "

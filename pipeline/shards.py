@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from maskrcnn.anchors import anchor_config_hash, anchor_signature
 from maskrcnn.config import ModelConfig, RPNConfig
+
+from . import storage
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"maskrcnn"
@@ -140,39 +142,60 @@ def _list_array(values: Sequence[Any], dtype: type, *, width: int | None = None)
     return pa.ListArray.from_arrays(pa.array(offsets), items)
 
 
-def read_manifest(split_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a finished split; ValueError when the directory holds none."""
-    path = Path(split_dir) / MANIFEST
-    if not path.is_file():
+def read_manifest(split_dir: storage.Location) -> dict[str, Any]:
+    """The manifest of a finished split (a path or a URI); ValueError when it holds none.
+
+    The manifest is written after every part, so its presence means the split is whole.
+    """
+    try:
+        return storage.read_json(storage.join(split_dir, MANIFEST))
+    except (FileNotFoundError, IsADirectoryError):
         raise ValueError(
             f"{split_dir}: no {MANIFEST}, so not a finished preprocess output "
             "(run the preprocess stage for this split)"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON: {error}") from None
+        ) from None
 
 
-def shard_paths(split_dir: str | Path) -> list[Path]:
-    """The parts of a finished split, in order, as its manifest lists them."""
-    manifest = read_manifest(split_dir)
-    paths = [Path(split_dir) / shard["file"] for shard in manifest["shards"]]
-    missing = [str(p) for p in paths if not p.is_file()]
+def shard_files(split_dir: storage.Location) -> tuple[pafs.FileSystem, list[str]]:
+    """A finished split's filesystem and its parts' paths on it, in order: what
+    ``pyarrow.parquet`` and ``ray.data.read_parquet`` read from any storage (``filesystem=``),
+    including fsspec-only protocols that they cannot resolve from a URI.
+
+    The filesystem is resolved once per split (on S3 each resolution looks up the region).
+    """
+    names = [shard["file"] for shard in read_manifest(split_dir)["shards"]]
+    fs, root = storage.filesystem(split_dir)
+    paths = [f"{root.rstrip('/')}/{name}" for name in names]
+    found = fs.get_file_info(paths)
+    missing = [
+        storage.join(split_dir, name)
+        for name, info in zip(names, found, strict=True)
+        if info.type != pafs.FileType.File
+    ]
     if missing:
         raise ValueError(f"{split_dir}: shards listed in {MANIFEST} are missing: {missing[:3]}")
-    return paths
+    return fs, paths
 
 
-def read_shard_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``maskrcnn`` JSON metadata stored in one Parquet shard."""
-    metadata = pq.read_schema(path).metadata or {}
+def shard_paths(split_dir: storage.Location) -> list[str]:
+    """The parts of a finished split, in order: absolute paths (also for a ``file://`` URI),
+    or URIs on other storage, which pyarrow resolves itself for s3://, gs:// and hdfs://."""
+    fs, paths = shard_files(split_dir)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return paths
+    return [storage.join(split_dir, p.rsplit("/", 1)[1]) for p in paths]
+
+
+def read_shard_metadata(path: storage.Location) -> dict[str, Any]:
+    """The ``maskrcnn`` JSON metadata stored in one Parquet shard (a path or a URI)."""
+    fs, where = storage.filesystem(path)
+    metadata = pq.read_schema(where, filesystem=fs).metadata or {}
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path}: no '{METADATA_KEY.decode()}' metadata: not a maskrcnn shard")
     return json.loads(metadata[METADATA_KEY])
 
 
-def check_compatible(source: str | Path | dict[str, Any], model_config: ModelConfig) -> dict:
+def check_compatible(source: storage.Location | dict[str, Any], model_config: ModelConfig) -> dict:
     """The shards' metadata, or ValueError when they were built for other anchors or matching.
 
     ``source`` is a split directory (its manifest is read) or metadata already read.

@@ -12,6 +12,7 @@ manifest) after all the others, so a reader that waits for the manifest never se
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
@@ -27,6 +28,10 @@ PYARROW_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "hdfs", "viewfs"})
 Location = str | os.PathLike
 
 
+class NotFound(FileNotFoundError, ValueError):
+    """No file at a location: callers catch it as FileNotFoundError, or as bad input."""
+
+
 def is_uri(location: Location) -> bool:
     """True for ``scheme://…``; False for a path (a Windows drive letter is a path)."""
     scheme = urlparse(str(location)).scheme
@@ -40,6 +45,19 @@ def absolute(location: Location, *, root: Path | None = None) -> str:
         return str(location).rstrip("/")
     path = Path(location).expanduser()
     return str(path if path.is_absolute() else (Path(root or Path.cwd()) / path).resolve())
+
+
+def locate(location: Location) -> Path | str:
+    """A ``Path`` for local storage (a path, or a ``file://`` URI), else the URI.
+
+    Local files keep pathlib's direct handling (and a ``file://`` URI never becomes a directory
+    named ``file:``); only other storage goes through a filesystem object.
+    """
+    if not is_uri(location):
+        return Path(location)
+    if urlparse(str(location)).scheme == "file":
+        return Path(filesystem(location)[1])
+    return absolute(location)
 
 
 def join(location: Location, *parts: str) -> str:
@@ -73,12 +91,33 @@ def exists(location: Location) -> bool:
 
 
 def read_bytes(location: Location) -> bytes:
-    fs, path = filesystem(location)
+    """The bytes of one file; NotFound when there is none."""
+    return _read(*filesystem(location), where=location)
+
+
+@functools.lru_cache(maxsize=64)
+def _directory_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    return filesystem(location)
+
+
+def read_under(directory: Location, name: str) -> bytes:
+    """The bytes of file ``name`` under ``directory``; NotFound when there is none.
+
+    ``name`` is a '/'-separated relative path taken literally (a space, ``#`` or ``%`` in it is
+    never parsed as part of a URI). The directory's filesystem is resolved once per process:
+    connecting (on S3: looking up the bucket's region) for each of many small files would cost
+    more than reading them.
+    """
+    fs, root = _directory_filesystem(str(directory))
+    return _read(fs, f"{root.rstrip('/')}/{name}", where=join(directory, name))
+
+
+def _read(fs: pafs.FileSystem, path: str, *, where: Location) -> bytes:
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError as error:
-        raise ValueError(f"{location}: no such file") from error
+        raise NotFound(f"{where}: no such file") from error
 
 
 def read_json(location: Location) -> Any:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 SCHEDULES = ("multistep", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
 INITS = ("none", "imagenet", "coco")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -46,6 +47,7 @@ class TrainSettings:
     placement_strategy: str = "PACK"
     batch_per_worker: int = 2
     # optimisation
+    optimizer: str = "sgd"  # adamw: betas (0.9, 0.999); momentum is SGD's only
     steps: int = 1000
     base_lr: float = 0.02
     lr_reference_batch: int = 16
@@ -80,6 +82,7 @@ class TrainSettings:
             _require(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         _require(self.base_lr > 0, "base_lr must be > 0")
         _require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
         _require(self.weight_decay >= 0, "weight_decay must be >= 0")

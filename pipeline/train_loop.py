@@ -29,7 +29,7 @@ from maskrcnn.checkpoints import load_imagenet_backbone, load_torchvision_maskrc
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.loader import make_collate_fn
-from pipeline.schedule import make_scheduler
+from pipeline.schedule import make_optimizer, make_scheduler
 from pipeline.tracking import RunRef, attached_run, log_metrics
 from pipeline.train_config import TrainSettings
 from pipeline.train_progress import LossWindow, ThroughputMeter, progress_line
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHUFFLE_BUFFER_BATCHES = 8  # rows shuffled on each worker, in batches: cheap, and enough
+# Run tag: the Ray node id of each rank, in rank order (the latest attempt's placement).
+WORKER_NODES_TAG = "ray.worker_node_ids"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +63,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     trainer = _Trainer(settings=settings, model_config=model_config, rank=rank, world=world)
     resumed_from = trainer.restore(ray.train.get_checkpoint())
     run = RunRef(**config["run"]) if config.get("run") and rank == 0 else None
+    nodes = trainer.node_ids()
     tracking = attached_run(run) if run else contextlib.nullcontext()
     with tracking as client:
+        if run:
+            client.set_tag(run.run_id, WORKER_NODES_TAG, ",".join(nodes))
         trainer.fit(
             ray.train.get_dataset_shard("train"),
             log_fn=(lambda m, step: log_metrics(client, run, m, step=step)) if run else None,
@@ -83,12 +88,7 @@ class _Trainer:
         seed_everything(settings.seed)  # identical initial weights on every rank
         self.module = MaskRCNN(model_config).to(self.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(
-            self.params,
-            lr=settings.lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-        )
+        self.optimizer = make_optimizer(self.params, settings)
         self.scheduler = make_scheduler(self.optimizer, settings)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
         self.progress = Progress()
@@ -213,7 +213,10 @@ class _Trainer:
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast:
                 losses = self.model(images, targets)
-            self.scaler.scale(sum(losses.values()) / s.grad_accum).backward()
+            total = sum(losses.values())
+            if not torch.isfinite(total):
+                raise FloatingPointError(diverged_message(losses, step=self.progress.step + 1))
+            self.scaler.scale(total / s.grad_accum).backward()
         return losses
 
     def _optimizer_step(self) -> None:
@@ -282,6 +285,15 @@ class _Trainer:
             **self.meter.overall(),
         }
 
+    def node_ids(self) -> list[str]:
+        """The Ray node of every rank, in rank order (a collective: every rank calls it)."""
+        mine = ray.get_runtime_context().get_node_id()
+        if self.world == 1:
+            return [mine]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
     def replicas(self) -> list[dict[str, Any]]:
         """Each rank's node and a digest of its weights, gathered on every rank: DDP keeps
         replicas bitwise identical, so one digest that differs means a broken run."""
@@ -295,6 +307,17 @@ class _Trainer:
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, mine)
         return gathered
+
+
+def diverged_message(losses: dict[str, torch.Tensor], *, step: int) -> str:
+    """Why training stops on a non-finite loss (as detectron2 does): every later step would
+    be NaN too, and a run that goes on logging NaN for an hour helps nobody."""
+    values = ", ".join(f"{name} {float(value):.4g}" for name, value in losses.items())
+    return (
+        f"training diverged at step {step}: the loss is not finite ({values}). "
+        "Lower train.base_lr, lengthen train.warmup_steps or set train.grad_clip, "
+        "and run again."
+    )
 
 
 def _maybe_fail(fault: dict[str, Any] | None, *, step: int, rank: int) -> None:

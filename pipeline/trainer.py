@@ -28,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
+from pipeline import storage
 from pipeline.loader import ray_dataset
 from pipeline.ray_runtime import cluster_node_count, ensure_ray
 from pipeline.run_manifest import open_run_for, ray_run_name
@@ -68,7 +69,7 @@ def train(
     *,
     settings: TrainSettings,
     model_config: ModelConfig,
-    shards_dir: str | Path,
+    shards_dir: storage.Location,
     tracking: TrackingSettings,
     out_dir: str | Path,
     ray_address: str | None = None,
@@ -79,16 +80,18 @@ def train(
     model.pt (``save_model``), metrics.json, loss.csv (for ``dvc plots``) and run.json.
 
     ``project_root`` (default: found from the current directory) anchors relative paths:
-    the tracking store and ``settings.storage_path``. ``fault`` is a fault-tolerance drill,
-    ``{"step", "rank", "marker"}``: that rank's process dies once, right after that step.
+    the tracking store and ``settings.storage_path``. ``shards_dir`` and the storage path may be
+    URIs (s3://, gs://, file://, ...): on a cluster, every node must reach them. ``fault`` is a
+    fault-tolerance drill, ``{"step", "rank", "marker"}``: that rank's process dies once, right
+    after that step.
     """
     started = time.perf_counter()
     root = Path(project_root) if project_root else find_project_root()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    storage = _resolve_storage(settings.storage_path, root)
-    settings = replace(settings, storage_path=storage)
-    train_dir = str(Path(shards_dir).resolve() / "train")
+    storage_path = storage.absolute(settings.storage_path, root=root)
+    settings = replace(settings, storage_path=storage_path)
+    train_dir = storage.join(storage.absolute(shards_dir), "train")
     _check_classes(check_compatible(train_dir, model_config), model_config, train_dir)
 
     if settings.amp == "bf16" and not settings.use_gpu:
@@ -99,7 +102,7 @@ def train(
     ensure_ray(ray_address)
     tracking_uri = resolve_tracking_uri(tracking.uri, project_root=root)
     check_uri_for_cluster(tracking_uri, node_count=cluster_node_count())
-    run_dir = f"{storage}/{ray_run_name(settings, model_config)}"
+    run_dir = storage.join(storage_path, ray_run_name(settings, model_config))
     run = open_run_for(
         settings=settings,
         model_config=model_config,
@@ -225,13 +228,6 @@ def _check_classes(metadata: dict[str, Any], model_config: ModelConfig, where: s
             f"shards in {where} have {classes - 1} categories (+ background = {classes}), "
             f"but the model config has num_classes={model_config.num_classes}"
         )
-
-
-def _resolve_storage(storage_path: str, root: Path) -> str:
-    """A URI (s3://, gs://, ...) as is; a local path made absolute against ``root``."""
-    if "://" in storage_path:
-        return storage_path.rstrip("/")
-    return str((root / Path(storage_path).expanduser()).resolve())
 
 
 def _final_metrics(

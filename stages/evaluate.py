@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.evaluate import evaluate
 from pipeline.params import load_params, setup_logging
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dir = Path(params.path(args.train))
     metrics = evaluate(
         model_path=train_dir / "model.pt",
-        shards_dir=f"{params.data_path('shards_dir')}/val",
+        shards_dir=storage.join(params.data_path("shards_dir"), "val"),
         annotation_file=params.data_path("val_annotations"),
         images_dir=params.data_path("val_images"),
         out_dir=params.path(args.out),

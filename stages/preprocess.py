@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipeline import storage
 from pipeline.params import load_params, model_config, setup_logging
 from pipeline.preprocess import preprocess_split
 from pipeline.ray_runtime import ensure_ray
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         manifest = preprocess_split(
             annotation_file=params.data_path(f"{split}_annotations"),
             images_dir=params.data_path(f"{split}_images"),
-            out_dir=f"{shards_dir}/{split}",
+            out_dir=storage.join(shards_dir, split),
             model_config=config,
             ray_address=params.ray_address,
             **params.section("preprocess"),

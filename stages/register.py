@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.params import load_params, setup_logging
 from pipeline.register import register
 from pipeline.shards import read_manifest
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_metrics=eval_dir / "metrics.json",
         run_info=train_dir / "run.json",
         out_path=f"{params.path(args.out)}/decision.json",
-        categories=read_manifest(f"{params.data_path('shards_dir')}/val")["categories"],
+        categories=read_manifest(storage.join(params.data_path("shards_dir"), "val"))["categories"],
         **params.section("register"),
     )
     log.info("%s v%s: %s", decision["model_name"], decision["version"], decision["reason"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipeline import storage
 from pipeline.params import load_params, model_config, setup_logging
 from pipeline.shards import read_manifest
 from pipeline.tracking import TrackingSettings
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params(args.params)
     shards_dir = params.data_path("shards_dir")
-    categories = read_manifest(f"{shards_dir}/train")["categories"]
+    categories = read_manifest(storage.join(shards_dir, "train"))["categories"]
     result = train(
         settings=TrainSettings.from_dict(params.section("train")),
         model_config=model_config(params, num_classes=len(categories) + 1),

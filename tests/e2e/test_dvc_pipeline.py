@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
+from repo_copy import copy_repo
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["synthesize", "preprocess", "train", "evaluate", "register"]
 
 TINY = {
@@ -57,19 +55,7 @@ def stages_run(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A git + DVC copy of this repository's tracked and unignored files, with tiny params."""
-    dest = tmp_path_factory.mktemp("e2e") / "repo"
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-        text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    for rel in listed:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section] = {**params[section], **values}
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dest = copy_repo(tmp_path_factory.mktemp("e2e") / "repo", TINY)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
         run(cmd, dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)

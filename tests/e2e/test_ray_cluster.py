@@ -14,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,12 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from repo_copy import copy_repo
+
+from pipeline.train_loop import WORKER_NODES_TAG
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STAGES = ["synthesize", "preprocess", "train", "evaluate", "register"]
 RUN_NAME, MODEL_NAME = "cluster-e2e", "cluster-model"
@@ -183,20 +184,10 @@ def state(dashboard: str, kind: str, env: dict[str, str], **filters: str) -> lis
 @pytest.fixture(scope="module")
 def project(sandbox: Path, servers: dict[str, str]) -> Path:
     """The repository's tracked and unignored files (no .git), with tiny cluster params."""
-    dest = sandbox / "repo"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    for rel in listed:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section] = {**params[section], **values}
-    params["train"]["storage_path"] = (sandbox / "shared" / "ray_results").as_uri()
-    params["tracking"] = {**params["tracking"], "uri": servers["tracking"]}
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
+    storage = (sandbox / "shared" / "ray_results").as_uri()
+    overrides = {**TINY, "train": {**TINY["train"], "storage_path": storage},
+                 "tracking": {"uri": servers["tracking"]}}  # fmt: skip
+    return copy_repo(sandbox / "repo", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +219,21 @@ def test_job_runs_every_stage_and_each_joins_the_cluster(job: str):
     assert "starting a local Ray runtime" not in job
 
 
+def the_run(servers: dict[str, str]) -> Run:
+    client = MlflowClient(tracking_uri=servers["tracking"])
+    experiment = client.get_experiment_by_name("maskrcnn")
+    runs = client.search_runs([experiment.experiment_id], f"run_name = '{RUN_NAME}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
 def test_training_ran_one_worker_on_each_node(job: str, servers: dict[str, str], env):
     nodes = {n["node_id"] for n in state(servers["dashboard"], "nodes", env)}
     workers = state(servers["dashboard"], "actors", env, class_name="RayTrainWorker")
     assert len(workers) == 2, workers  # one worker group, never restarted
     assert {w["node_id"] for w in workers} == nodes  # both nodes, one worker each
+    tagged = the_run(servers).data.tags[WORKER_NODES_TAG].split(",")  # rank 0, rank 1
+    assert sorted(tagged) == sorted(nodes)
 
 
 def test_checkpoints_went_to_the_storage_uri(job: str, sandbox: Path):
@@ -244,10 +245,7 @@ def test_checkpoints_went_to_the_storage_uri(job: str, sandbox: Path):
 
 def test_run_metrics_and_model_are_in_the_server(job: str, servers: dict[str, str]):
     client = MlflowClient(tracking_uri=servers["tracking"])
-    experiment = client.get_experiment_by_name("maskrcnn")
-    runs = client.search_runs([experiment.experiment_id], f"run_name = '{RUN_NAME}'")
-    assert len(runs) == 1
-    run = runs[0]
+    run = the_run(servers)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_mask")]

@@ -4,22 +4,28 @@
 a JPEG with an uncompressed-RLE crowd region, a PNG without instances) and an annotation file
 with non-contiguous category ids 3 and 10. Tests change ``ds.data`` and call ``ds.write_json()``
 to make a bad case. ``shapes_dataset`` is a small synthetic dataset, written once per session.
+``memory_dir`` and ``memory_writes`` stand in for object storage: fsspec's in-process memory
+filesystem, and the order in which files are written to and deleted from it.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipeline import storage
 from pipeline.masks import encode_rle
 from pipeline.shapes import write_shapes_dataset
 
@@ -46,6 +52,16 @@ class TinyCoco:
         pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
         pil.save(path, **save_args)
         return path
+
+    def copy_to(self, location: str) -> tuple[str, str]:
+        """Copy the annotation file and the images to ``location`` (a URI), in the same layout;
+        returns the annotation file's and the images directory's locations there."""
+        root = self.annotation_file.parent
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            target = storage.join(location, path.relative_to(root).as_posix())
+            storage.write_bytes(target, path.read_bytes())
+        images = self.images_dir.relative_to(root).as_posix()
+        return storage.join(location, self.annotation_file.name), storage.join(location, images)
 
     def image(self, image_id: int) -> dict[str, Any]:
         return next(i for i in self.data["images"] if i["id"] == image_id)
@@ -159,3 +175,35 @@ def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
         crowd_fraction=0.3,
     )
     return out_dir, summary
+
+
+@pytest.fixture
+def memory_dir() -> Iterator[str]:
+    """A fresh ``memory://`` directory: object storage that only this process sees (Ray workers
+    do not), removed afterwards."""
+    location = f"memory://test-{uuid.uuid4().hex}"
+    yield location
+    fs = fsspec.filesystem("memory")
+    if fs.exists(location):
+        fs.rm(location, recursive=True)
+
+
+@pytest.fixture
+def memory_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """``("write" | "delete", file name)`` for each file written to or deleted from the memory
+    filesystem, in order."""
+    events: list[tuple[str, str]] = []
+    real_open, real_rm = MemoryFileSystem._open, MemoryFileSystem._rm
+
+    def recording_open(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            events.append(("write", path.rsplit("/", 1)[-1]))
+        return real_open(self, path, mode, **kwargs)
+
+    def recording_rm(self, path):
+        events.append(("delete", path.rsplit("/", 1)[-1]))
+        return real_rm(self, path)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", recording_open)
+    monkeypatch.setattr(MemoryFileSystem, "_rm", recording_rm)
+    return events

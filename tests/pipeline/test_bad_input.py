@@ -240,3 +240,24 @@ def test_data_error_names_all_three_and_survives_pickling():
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.file, copy.record, copy.reason) == ("a/b.json", "image_id=7", "broken")
     assert isinstance(copy, ValueError)
+
+
+def test_missing_or_unreadable_image_on_object_storage(tiny_coco, memory_dir):
+    ds = tiny_coco()
+    (ds.images_dir / "one.png").unlink()
+    (ds.images_dir / "three.png").write_bytes(b"this is not an image at all")
+    annotation, images = ds.copy_to(memory_dir)
+    index = read_coco(annotation, images)
+    with pytest.raises(DataError) as error:
+        load_image(_record(index, 1))
+    assert (error.value.file, error.value.record) == (f"{images}/one.png", "image_id=1")
+    assert "not found" in error.value.reason
+    with pytest.raises(DataError, match=r"three\.png: image_id=3: unreadable"):
+        load_image(_record(index, 3))
+
+
+def test_missing_annotation_file_or_unknown_protocol_on_storage_uris(tiny_coco, memory_dir):
+    with pytest.raises(DataError, match=r"^memory://.*nope\.json: file: annotation file not found"):
+        read_coco(f"{memory_dir}/nope.json", memory_dir)
+    with pytest.raises(ValueError, match="nosuch://"):  # before any image is opened
+        read_coco(tiny_coco().annotation_file, "nosuch://bucket/images")

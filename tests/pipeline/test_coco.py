@@ -4,6 +4,7 @@ orientation, and masks and boxes at a resized scale."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -180,3 +181,17 @@ def test_polygon_clipping_is_exact():
     whole = rasterize_polygons([star.ravel().tolist()], 32, 32)
     assert _iou(inside.astype(bool), whole.astype(bool)) > 0.98  # same pixels in the image
     assert clip_to_rectangle(clipped, 32, 32) is clipped  # already inside: returned as is
+
+
+def test_a_dataset_on_storage_uris_reads_like_the_local_one(tiny_coco, memory_dir):
+    ds = tiny_coco()
+    local = _read(ds)
+    assert read_coco(ds.annotation_file.as_uri(), ds.images_dir.as_uri()) == local
+    annotation, images = ds.copy_to(memory_dir)
+    remote = read_coco(annotation, images)
+    assert (remote.annotation_file, remote.images_dir) == (annotation, images)
+    assert (remote.sha256, remote.categories) == (local.sha256, local.categories)
+    for here, there in zip(local.records, remote.records, strict=True):
+        assert there.path == f"{images}/{here.file_name}"
+        assert replace(there, images_dir=here.images_dir) == here
+        np.testing.assert_array_equal(load_image(there), load_image(here))

@@ -18,11 +18,12 @@ from PIL import Image
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import build_rpn_targets
-from pipeline import shard_writer, shards
+from pipeline import shard_writer, shards, storage
 from pipeline.coco import DataError
 from pipeline.loader import iter_batches, make_collate_fn, ray_dataset
 from pipeline.masks import decode_rle, masks_to_boxes
 from pipeline.preprocess import preprocess_split
+from pipeline.shards import read_manifest, shard_paths
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
 BOXES = pa.list_(pa.list_(pa.float32(), 4))
@@ -213,3 +214,54 @@ def test_shards_feed_ray_data_iter_torch_batches_like_the_local_iterator(train_s
         for a, b in zip(ray_targets, targets, strict=True):
             assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
             assert a["rpn_idx"].shape == (256,)
+
+
+def _tiny_source(ds, as_location=str) -> dict:
+    """The tiny COCO dataset's annotation file and images directory, as paths or URIs."""
+    return {
+        "annotation_file": as_location(ds.annotation_file),
+        "images_dir": as_location(ds.images_dir),
+    }
+
+
+def test_images_and_shards_behind_uris_match_local_ones(tiny_coco, tmp_path, monkeypatch):
+    """``local://`` goes through fsspec as object storage does, and Ray workers see it too."""
+    monkeypatch.chdir(tmp_path)
+    ds = tiny_coco()
+    (ds.images_dir / "three.png").unlink()  # a missing image is a counted skip either way
+    local_dir = tmp_path / "local" / "train"
+    local = _preprocess(_tiny_source(ds), local_dir, rows_per_shard=1)
+    source, uri = _tiny_source(ds, lambda p: f"local://{p}"), f"local://{tmp_path}/remote/train"
+    remote = _preprocess(source, uri, rows_per_shard=1)
+    [skip] = remote["counts"].pop("skipped")
+    [local_skip] = local["counts"].pop("skipped")
+    assert skip == {**local_skip, "file": f"{source['images_dir']}/three.png"}
+    assert remote == local
+    files = zip(shard_paths(local_dir), shard_paths(uri), strict=True)
+    assert all(storage.read_bytes(a) == storage.read_bytes(b) for a, b in files)
+    images = pq.ParquetDataset(shard_paths(local_dir)).read()["image"].to_pylist()
+    assert sorted(row["image"] for row in ray_dataset(uri).take_all()) == sorted(images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "local", "remote"]
+
+
+def test_preprocess_to_file_and_memory_uris(
+    tiny_coco, tmp_path, monkeypatch, memory_dir, memory_writes
+):
+    monkeypatch.chdir(tmp_path)
+    source = _tiny_source(tiny_coco(), lambda p: p.as_uri())
+    out, in_memory = tmp_path / "shards" / "train", f"{memory_dir}/train"
+    manifest = _preprocess(source, out.as_uri(), rows_per_shard=2)
+    assert _preprocess(source, in_memory, rows_per_shard=2) == manifest == read_manifest(out)
+    assert manifest["split"] == "train" and manifest["counts"]["images"] == 3
+    parts = [("write", f"part-0000{i}.parquet") for i in range(2)]
+    assert memory_writes == [*parts, ("write", shards.MANIFEST)]  # the manifest last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "shards"]  # no ./file: dir
+    on_disk, from_memory = (
+        list(iter_batches(split, batch_size=2, model_config=CONFIG))
+        for split in (out.as_uri(), in_memory)
+    )
+    for (images, targets), (images_too, targets_too) in zip(on_disk, from_memory, strict=True):
+        assert torch.equal(images, images_too)
+        for a, b in zip(targets, targets_too, strict=True):
+            assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["rpn_idx"], b["rpn_idx"])
+    assert ray_dataset(out.as_uri(), model_config=CONFIG).count() == 3

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.schedule import lr_factor, make_scheduler
+from pipeline.schedule import lr_factor, make_optimizer, make_scheduler
 from pipeline.train_config import TrainSettings
 
 
@@ -63,3 +63,17 @@ def test_scheduler_drives_the_optimizer_and_resumes_on_the_same_lr():
     opt2.step()
     sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(("name", "kind"), [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimizer_is_the_configured_one_at_the_peak_lr(name, kind):
+    settings = TrainSettings(optimizer=name, base_lr=0.004, lr_reference_batch=4,
+                             batch_per_worker=2, weight_decay=0.05)  # fmt: skip
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = make_optimizer([param], settings)
+    assert type(opt) is kind
+    group = opt.param_groups[0]
+    assert group["lr"] == pytest.approx(0.002) and group["weight_decay"] == 0.05
+    param.grad = torch.ones(3)
+    opt.step()
+    assert torch.all(param < 1)  # it steps downhill

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from maskrcnn.config import ModelConfig, RPNConfig
-from pipeline import shard_writer, shards
+from pipeline import shard_writer, shards, storage
 from pipeline.coco import read_coco
 from pipeline.preprocess import encode_record
 from pipeline.shard_writer import SplitWriter, write_shard
@@ -20,6 +23,7 @@ from pipeline.shards import (
     read_manifest,
     read_shard_metadata,
     rows_to_table,
+    shard_files,
     shard_metadata,
     shard_paths,
 )
@@ -77,13 +81,13 @@ def test_split_is_cut_into_ordered_shards_with_metadata(tmp_path, shapes_rows):
     rows, index = shapes_rows
     manifest = _write_split(tmp_path / "train", rows, index, rows_per_shard=5)
     paths = shard_paths(tmp_path / "train")
-    assert [p.name for p in paths] == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert paths == [str(tmp_path / "train" / f"part-{i:05d}.parquet") for i in range(4)]
     assert [pq.read_metadata(p).num_rows for p in paths] == [5, 5, 5, 1]
     ids = [i for p in paths for i in pq.read_table(p, columns=["image_id"])["image_id"].to_pylist()]
     assert ids == [r["image_id"] for r in rows]
     assert read_shard_metadata(paths[0]) == _metadata(index)
     assert manifest == read_manifest(tmp_path / "train")
-    assert manifest["counts"]["bytes_written"] == sum(p.stat().st_size for p in paths)
+    assert manifest["counts"]["bytes_written"] == sum(os.path.getsize(p) for p in paths)
 
 
 def test_a_failed_shard_write_leaves_no_part_file(tmp_path, shapes_rows, monkeypatch):
@@ -166,3 +170,77 @@ def test_unfinished_or_old_format_splits_are_refused(tmp_path, shapes_rows):
     (out / MANIFEST).write_text(json.dumps({**manifest, "format_version": 0}))
     with pytest.raises(ValueError, match="format version 0"):
         check_compatible(out, CONFIG)
+
+
+def test_a_split_on_object_storage_is_uploaded_with_its_manifest_last(
+    tmp_path, shapes_rows, memory_dir, memory_writes, monkeypatch
+):
+    rows, index = shapes_rows
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the local scratch goes
+    location = f"{memory_dir}/shards/train"
+    manifest = _write_split(location, rows, index, rows_per_shard=5)
+    parts = [f"part-{i:05d}.parquet" for i in range(4)]
+    assert memory_writes == [("write", name) for name in [*parts, MANIFEST]]
+    assert read_manifest(location) == manifest
+    assert shard_paths(location) == [f"{location}/{name}" for name in parts]
+    assert read_shard_metadata(shard_paths(location)[0]) == _metadata(index)
+    fs, paths = shard_files(location)
+    ids = [i for p in paths for i in pq.read_table(p, filesystem=fs)["image_id"].to_pylist()]
+    assert ids == [r["image_id"] for r in rows]
+    assert list(tmp_path.iterdir()) == []  # the local scratch directory is gone
+
+
+def test_replacing_a_split_on_object_storage_hides_the_old_one_first(
+    shapes_rows, memory_dir, memory_writes
+):
+    rows, index = shapes_rows
+    _write_split(memory_dir, rows, index, rows_per_shard=2)  # 8 parts
+    memory_writes.clear()
+    _write_split(memory_dir, rows[:3], index, rows_per_shard=2)  # 2 parts
+    new, stale = ["part-00000.parquet", "part-00001.parquet"], range(2, 8)
+    assert memory_writes == [
+        ("delete", MANIFEST),
+        *[("write", name) for name in [*new, MANIFEST]],
+        *[("delete", f"part-{i:05d}.parquet") for i in stale],
+    ]
+    fs, root = storage.filesystem(memory_dir)
+    listed = fs.get_file_info(pafs.FileSelector(root))
+    assert sorted(info.base_name for info in listed) == [MANIFEST, *new]
+    assert read_manifest(memory_dir)["counts"]["images"] == 3
+
+
+def test_object_storage_keeps_the_old_split_when_a_run_fails_or_finds_foreign_files(
+    shapes_rows, memory_dir, monkeypatch
+):
+    rows, index = shapes_rows
+    before = _write_split(memory_dir, rows[:4], index)
+
+    def fail(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shard_writer, "write_shard", fail)
+        with pytest.raises(KeyboardInterrupt):
+            _write_split(memory_dir, rows, index)
+    assert read_manifest(memory_dir) == before
+    storage.write_bytes(f"{memory_dir}/notes.txt", b"mine")
+    with pytest.raises(ValueError, match=r"refusing to replace .*notes\.txt"):
+        _write_split(memory_dir, rows, index)
+    assert storage.read_bytes(f"{memory_dir}/notes.txt") == b"mine"
+    with pytest.raises(ValueError, match="no manifest.json"):
+        read_manifest(f"{memory_dir}/absent")
+
+
+def test_a_file_uri_is_the_local_directory(tmp_path, shapes_rows, monkeypatch):
+    rows, index = shapes_rows
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "shards" / "train"
+    manifest = _write_split(out.as_uri(), rows, index)
+    assert read_manifest(out) == manifest == read_manifest(out.as_uri())
+    assert (
+        shard_paths(out.as_uri())
+        == shard_paths(out)
+        == [str(out / f"part-{i:05d}.parquet") for i in range(4)]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no ./file: directory
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train"]  # renamed into place

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -59,3 +61,38 @@ def test_unknown_protocols_and_missing_files_are_value_errors(tmp_path):
         storage.filesystem("nosuch://bucket/x")
     with pytest.raises(ValueError, match="no such file"):
         storage.read_bytes((tmp_path / "absent.json").as_uri())
+
+
+def test_uri_detection_and_joins_at_the_edges(tmp_path):
+    assert storage.is_uri("memory://x") and storage.is_uri("s3://bucket")
+    assert not storage.is_uri("data/shards") and not storage.is_uri("s3:bucket/x")
+    assert storage.join("memory://b/", "/train/", "part-00000.parquet") == (
+        "memory://b/train/part-00000.parquet"
+    )
+    assert storage.join("data/shards", "train") == "data/shards/train"
+    assert storage.absolute("~/shards") == str(Path.home() / "shards")
+    assert storage.absolute(tmp_path, root=Path("/elsewhere")) == str(tmp_path)
+
+
+def test_locate_gives_a_path_for_local_storage_and_the_uri_otherwise(tmp_path):
+    assert storage.locate("data/shards") == Path("data/shards")
+    spaced = tmp_path / "with space"
+    assert storage.locate(spaced.as_uri()) == spaced  # %20 decoded: the real directory
+    assert storage.locate("s3://bucket/shards/") == "s3://bucket/shards"
+    assert storage.locate("memory://b/x") == "memory://b/x"
+
+
+def test_read_under_takes_the_file_name_literally(tmp_path):
+    for name in ("a b.png", "odd#%20name.png", "sub/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+        assert storage.read_under(tmp_path.as_uri(), name) == name.encode()
+        assert storage.read_under(f"local://{tmp_path}", name) == name.encode()
+    with pytest.raises(FileNotFoundError, match=r"missing\.png: no such file"):
+        storage.read_under(f"local://{tmp_path}", "missing.png")
+
+
+def test_a_missing_file_is_both_file_not_found_and_bad_input(tmp_path):
+    with pytest.raises(storage.NotFound) as error:
+        storage.read_bytes(f"local://{tmp_path}/absent.json")
+    assert isinstance(error.value, FileNotFoundError) and isinstance(error.value, ValueError)

@@ -43,6 +43,7 @@ def test_unknown_key_is_named():
         ({"flip_prob": 1.5}, "flip_prob"),
         ({"run_name": "a/b"}, "run_name"),
         ({"placement_strategy": "ANYWHERE"}, "placement_strategy"),
+        ({"optimizer": "adam"}, "optimizer"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_name(kwargs, message):

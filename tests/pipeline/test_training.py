@@ -27,6 +27,7 @@ from pipeline.shapes import write_shapes_dataset
 from pipeline.shards import read_manifest
 from pipeline.tracking import RunRef, TrackingSettings, check_uri_for_cluster
 from pipeline.train_config import TrainSettings
+from pipeline.train_loop import WORKER_NODES_TAG
 from pipeline.train_progress import LOSS_NAMES
 from pipeline.train_state import seed_everything, state_digest
 from pipeline.trainer import make_trainer, train
@@ -178,6 +179,9 @@ def test_mlflow_run_holds_params_loss_histories_and_system_metrics(overfit):
         history = client.get_metric_history(ref.run_id, name)
         assert {m.step for m in history} == set(range(1, OVERFIT_STEPS + 1)), name
     assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
+    # The one local node, once per worker.
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    assert run.data.tags[WORKER_NODES_TAG].split(",") == nodes * overfit.metrics["num_workers"]
     artifacts = {a.path for a in client.list_artifacts(ref.run_id, "train")}
     assert artifacts == {"train/metrics.json", "train/loss.csv"}
 
@@ -237,3 +241,9 @@ def test_local_tracking_uri_is_refused_on_a_multi_node_cluster(two_nodes, tmp_pa
     with pytest.raises(ValueError, match="mlflow server"):
         check_uri_for_cluster(f"sqlite:///{tmp_path}/mlflow.db", node_count=nodes)
     check_uri_for_cluster("http://tracking.internal:5000", node_count=nodes)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(project, tmp_path):
+    # An absurd learning rate: the first step blows the weights up, the next loss is not finite.
+    with pytest.raises(Exception, match=r"training diverged at step \d+: the loss is not finite"):
+        run_train(project, tmp_path, base_lr=1e8, steps=6, max_failures=0, run_name="diverge")

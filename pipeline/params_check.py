@@ -1,0 +1,249 @@
+"""Validation of a whole params file: every key known, of the expected type, every value in range.
+
+Each stage reads only its own sections, so without this a typo elsewhere (``train.stpes``)
+would surface only when that stage runs, perhaps an hour into a cluster job, or never (a
+misspelt optional key silently keeps its default). And YAML reads ``1e-4`` as a string, which
+would otherwise fail deep inside a stage with a message that names no key. ``load_params``
+runs these checks on the sections a file has; ``complete=True`` also requires every section
+and every key that has no default, as a full recipe (configs/) must.
+
+The typed sections are checked against the classes that consume them (``ModelConfig``,
+``TrainSettings``); the others against the keyword arguments of the functions the stages pass
+them to, declared in ``SECTION_KEYS`` (tests/pipeline/test_params_check.py keeps the two in
+step).
+
+    python -m pipeline.params_check configs/coco_r50_fpn_1x.yaml
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from maskrcnn.config import ModelConfig
+from pipeline.train_config import TrainSettings
+
+SECTIONS = (
+    "data", "shapes", "model", "preprocess", "train", "evaluate", "register", "tracking", "ray",
+)  # fmt: skip
+
+# Sections passed as keyword arguments to a function (stage -> function): key -> type. Only the
+# keys a params file may set; the stage supplies the others (paths, ray_address, ...).
+SECTION_KEYS: dict[str, dict[str, Any]] = {
+    "data": dict.fromkeys(
+        (
+            "shapes_dir",
+            "train_images",
+            "train_annotations",
+            "val_images",
+            "val_annotations",
+            "shards_dir",
+            "artifacts_dir",
+        ),
+        str,
+    ),
+    # pipeline.shapes.write_shapes_dataset
+    "shapes": {
+        "n_train": int,
+        "n_val": int,
+        "seed": int,
+        "min_side": int,
+        "max_side": int,
+        "max_instances": int,
+        "empty_fraction": float,
+        "crowd_fraction": float,
+        "jpeg_quality": int,
+    },
+    # pipeline.preprocess.preprocess_split
+    "preprocess": {
+        "image_format": str,
+        "jpeg_quality": int,
+        "rows_per_shard": int,
+        "progress": bool,
+    },
+    # pipeline.evaluate.evaluate
+    "evaluate": {
+        "batch_size": int,
+        "score_threshold": float,
+        "num_overlays": int,
+        "overlay_score_threshold": float,
+        "concurrency": int,
+    },
+    # pipeline.register.register
+    "register": {"model_name": str, "min_segm_ap": float, "tracking_uri": str | None},
+    # pipeline.tracking.TrackingSettings
+    "tracking": {"uri": str | None, "experiment": str},
+    # pipeline.params.Params.ray_address
+    "ray": {"address": str | None},
+}
+# Keys a complete file must set: dvc.yaml's templating reads every data path, and register's
+# arguments have no default.
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "data": tuple(SECTION_KEYS["data"]),
+    "register": ("model_name", "min_segm_ap"),
+}
+# The class count comes from the data (the shards' categories), never from the params file;
+# any valid count will do for checking the rest of the model section.
+_CHECK_NUM_CLASSES = 2
+
+
+def check_sections(raw: Mapping[str, Any], source: Path, *, complete: bool = False) -> None:
+    """Check every section present in ``raw`` (a parsed params file); raise a ValueError that
+    names ``source`` and the offending key. ``complete``: also require every section and key
+    that a full pipeline run reads."""
+    if complete:
+        missing = [name for name in SECTIONS if name not in raw]
+        if missing:
+            raise ValueError(f"{source}: missing sections {missing}; a full run reads {SECTIONS}")
+    for name in SECTIONS:
+        if name not in raw:
+            continue
+        section = raw[name] if raw[name] is not None else {}
+        if not isinstance(section, Mapping):
+            raise ValueError(
+                f"{source}: section {name!r} must be a mapping of keys, "
+                f"got {type(section).__name__} {section!r}"
+            )
+        if name == "model":
+            _check_mapping(
+                section, _dataclass_keys(ModelConfig, skip={"num_classes"}), name, source
+            )
+            _build(name, source, _model_config, section)
+        elif name == "train":
+            _check_mapping(section, _dataclass_keys(TrainSettings), name, source)
+            _build(name, source, TrainSettings.from_dict, section)
+        else:
+            _check_mapping(section, SECTION_KEYS[name], name, source)
+        if complete:
+            absent = [key for key in REQUIRED_KEYS.get(name, ()) if section.get(key) is None]
+            if absent:
+                keys = ", ".join(f"{name}.{key}" for key in absent)
+                raise ValueError(f"{source}: {keys} must be set")
+
+
+def _model_config(section: dict[str, Any]) -> ModelConfig:
+    return ModelConfig.from_dict({**section, "num_classes": _CHECK_NUM_CLASSES})
+
+
+def _dataclass_keys(cls: type, *, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.name not in skip}
+
+
+def _check_mapping(data: Mapping[str, Any], keys: dict[str, Any], where: str, source: Path) -> None:
+    for key, value in data.items():
+        path = f"{where}.{key}"
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), list(keys), n=1)
+            hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+            raise ValueError(
+                f"{source}: unknown key {path}{hint}; known keys of {where}: {sorted(keys)}"
+            )
+        _check_value(value, keys[key], path, source)
+
+
+def _check_value(value: Any, hint: Any, path: str, source: Path) -> None:
+    if is_dataclass(hint):  # a nested section (model.rpn, ...); empty means all defaults
+        if value is None:
+            return
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{source}: {path} must be a mapping of keys, got {value!r}")
+        _check_mapping(value, _dataclass_keys(hint), path, source)
+        return
+    if not _matches(value, hint):
+        raise ValueError(
+            f"{source}: {path} must be {_describe(hint)}, got {type(value).__name__} {value!r}"
+            + (" (YAML reads 1e-4 as a string: write 0.0001 or 1.0e-4)" if _numeric(value) else "")
+        )
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, arm) for arm in args)
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(
+            _matches(v, a) for v, a in zip(value, args, strict=True)
+        )
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(arm) for arm in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint is type(None):
+        return "null"
+    if hint in names:
+        return names[hint]
+    if origin is tuple:
+        item = _describe(args[0]).split(" ", 1)[-1]  # "a number" -> "number"
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {item}s"
+        return f"a list of {len(args)} {item}s"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _numeric(value: Any) -> bool:
+    """A string that YAML left unparsed but that reads as a number (``1e-4``)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _build(
+    name: str, source: Path, build: Callable[[dict[str, Any]], object], section: Mapping[str, Any]
+) -> None:
+    """Construct the typed settings, for their range and cross-key checks."""
+    try:
+        build(dict(section))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: invalid {name} section: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check params files as complete recipes; print what is wrong, exit 1 if anything is."""
+    from pipeline.params import load_params
+
+    paths = (argv if argv is not None else sys.argv[1:]) or ["params.yaml"]
+    failed = 0
+    for path in paths:
+        try:
+            load_params(path, complete=True)
+        except (OSError, ValueError) as exc:
+            print(exc, file=sys.stderr)
+            failed += 1
+        else:
+            print(f"{path}: ok")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
