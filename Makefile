@@ -18,10 +18,11 @@ install: $(STAMP)
 ## The whole pipeline on the built-in synthetic dataset: synthesize -> preprocess -> train -> evaluate -> register.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
-	@PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics show
+	@echo
+	@$(BIN)/python -m stages.report
 	@echo
 	@echo "Where to look:"
-	@echo "  metrics:        artifacts/evaluate/metrics.json  (dvc metrics show)"
+	@echo "  metrics:        artifacts/evaluate/metrics.json  (dvc metrics show: every figure)"
 	@echo "  overlays:       artifacts/evaluate/overlays/*.png"
 	@echo "  plots:          PATH=$(BIN):\$$PATH dvc plots show   (writes dvc_plots/index.html)"
 	@echo "  registry:       artifacts/register/decision.json"

@@ -90,6 +90,13 @@ def test_model_is_registered_with_aliases(project: Path, first_repro: str):
     assert len(history) >= 2
 
 
+def test_report_summarises_the_run(project: Path, first_repro: str):
+    lines = run([sys.executable, "-m", "stages.report"], project).splitlines()
+    assert lines[0].startswith("trained 4 steps in ")
+    assert re.fullmatch(r"val \(4 images\): bbox AP [\d.]+ \(AP50 [\d.]+\), segm AP .*", lines[1])
+    assert lines[-1].startswith("registry: e2e-model v1 is champion")
+
+
 def test_second_repro_is_a_no_op(project: Path, first_repro: str):
     assert stages_run(run(["dvc", "repro"], project)) == []
     assert "up to date" in run(["dvc", "status"], project)
