@@ -38,8 +38,9 @@ from .shards import SCHEMA, rows_to_table, shard_metadata
 log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("jpeg", "png")
-# Images per Ray task: enough to amortise task overhead, few enough to balance small splits.
-IMAGES_PER_TASK = 4
+# Images per Ray task: enough to amortise Ray's per-block overhead (8 vs 4: +9-12 % images/s,
+# docs/benchmarks.md, "Preprocess"), few enough to balance small splits.
+IMAGES_PER_TASK = 8
 _SKIP = "skip"  # an extra column of the task output: JSON of a skipped image, else null
 _TASK_SCHEMA = SCHEMA.append(pa.field(_SKIP, pa.string()))
 
