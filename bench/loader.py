@@ -39,6 +39,8 @@ from pycocotools.coco import COCO
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import add_shapes_args, run_json_child  # noqa: E402
+
 from maskrcnn.config import ModelConfig  # noqa: E402
 from pipeline.loader import iter_batches, make_collate_fn, ray_dataset  # noqa: E402
 from pipeline.preprocess import preprocess_split  # noqa: E402
@@ -172,8 +174,7 @@ def loader_peak_rss_mb(args: argparse.Namespace, images: int) -> float:
     """Peak RSS of a fresh process that loads every batch of a split of ``images``."""
     flags = _flags(args, images=images, batch_size=args.batch_size)
     command = [sys.executable, __file__, "--child-memory", *flags]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
+    return run_json_child(command)["peak_rss_mb"]
 
 
 def _flags(args: argparse.Namespace, **values: int) -> list[str]:
@@ -196,11 +197,8 @@ def child_memory(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--canvas", type=int, default=512)
+    add_shapes_args(parser, images=64)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--min-side", type=int, default=256)
-    parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--ray", action="store_true", help="also time the Ray Data path")
     parser.add_argument("--memory", action="store_true", help="also peak RSS for N and 10N")
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)

@@ -19,12 +19,12 @@ import copy
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import run_json_child
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -264,8 +264,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, float]:
     peaks = {}
     for name in MODELS:
         cmd = [sys.executable, __file__, *child_argv(args, name)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_mem_mb"]
+        peaks[name] = run_json_child(cmd, env=env)["peak_mem_mb"]
     return peaks
 
 

@@ -27,7 +27,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +37,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import add_shapes_args, run_json_child  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from pipeline.shapes import write_shapes_dataset  # noqa: E402
@@ -132,8 +133,7 @@ def run_child(args: argparse.Namespace, *extra: str) -> dict:
     sizes = {"--canvas": args.canvas, "--min-side": args.min_side, "--max-side": args.max_side}
     flags = [str(v) for pair in sizes.items() for v in pair]
     command = [sys.executable, __file__, *flags, *extra]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_json_child(command)
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -201,10 +201,7 @@ def rpn_target_ms(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--canvas", type=int, default=512)
-    parser.add_argument("--min-side", type=int, default=256)
-    parser.add_argument("--max-side", type=int, default=512)
+    add_shapes_args(parser, images=64)
     parser.add_argument("--rows-per-shard", type=int, default=16)
     parser.add_argument("--memory", action="store_true", help="also peak memory, N vs 10N")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many, per setting")

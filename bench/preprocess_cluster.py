@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import add_shapes_args, run_json_child  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from pipeline.shapes import write_shapes_dataset  # noqa: E402
@@ -114,16 +115,12 @@ def run_child(args: argparse.Namespace, nodes: int) -> dict:
     }  # fmt: skip
     command = [sys.executable, __file__, "--child", *(str(v) for kv in flags.items() for v in kv)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_json_child(command, env=env)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--canvas", type=int, default=512)
-    parser.add_argument("--min-side", type=int, default=256)
-    parser.add_argument("--max-side", type=int, default=512)
+    add_shapes_args(parser, images=200)
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, default=1, help=argparse.SUPPRESS)

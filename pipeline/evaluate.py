@@ -161,7 +161,7 @@ def _predict(
     """[(image_id, file_name)] in image-id order, and every image's COCO results."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     pool_size = _pool_size(concurrency, gpu=bool(gpus))
-    filesystem, paths = shard_files(shards_dir)
+    filesystem, paths = shard_files(shards_dir, manifest=manifest)
     dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=READ_COLUMNS)
     predicted = dataset.map_batches(
         ShardPredictor,

@@ -193,7 +193,7 @@ def iter_batches(
     metadata = check_compatible(split_dir, model_config)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    filesystem, paths = shard_files(split_dir)
+    filesystem, paths = shard_files(split_dir, manifest=metadata)
     if shuffle:
         paths = [paths[i] for i in rng.permutation(len(paths))]
     decode = {
@@ -224,9 +224,8 @@ def ray_dataset(
 
     ``split_dir`` must be a location every node reads: a shared path or an object store URI.
     """
-    if model_config is not None:
-        check_compatible(split_dir, model_config)
-    filesystem, paths = shard_files(split_dir)
+    manifest = None if model_config is None else check_compatible(split_dir, model_config)
+    filesystem, paths = shard_files(split_dir, manifest=manifest)
     return ray.data.read_parquet(paths, filesystem=filesystem, columns=list(COLUMNS))
 
 

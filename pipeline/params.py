@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from maskrcnn.config import ModelConfig
-from pipeline.params_check import SECTIONS, check_sections
+from pipeline.params_check import check_sections
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,6 @@ def load_params(path: str | Path = "params.yaml", *, complete: bool = False) -> 
         raise ValueError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"{source}: unknown sections {unknown}; known: {list(SECTIONS)}")
     check_sections(raw, source, complete=complete)
     return Params(raw=raw, root=source.parent, source=source)
 

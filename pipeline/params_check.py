@@ -96,7 +96,10 @@ _CHECK_NUM_CLASSES = 2
 def check_sections(raw: Mapping[str, Any], source: Path, *, complete: bool = False) -> None:
     """Check every section present in ``raw`` (a parsed params file); raise a ValueError that
     names ``source`` and the offending key. ``complete``: also require every section and key
-    that a full pipeline run reads."""
+    that a full pipeline run reads. Unknown sections are an error (likely a typo)."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{source}: unknown sections {unknown}; known: {list(SECTIONS)}")
     if complete:
         missing = [name for name in SECTIONS if name not in raw]
         if missing:

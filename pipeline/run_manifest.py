@@ -15,9 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
-
 from maskrcnn.config import ModelConfig
+from pipeline import storage
 from pipeline.tracking import RunRef, open_or_create_run
 from pipeline.train_config import RESUMABLE_CHANGES, TrainSettings
 
@@ -36,6 +35,11 @@ def ray_run_name(settings: TrainSettings, model_config: ModelConfig) -> str:
     return f"{settings.run_name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def ray_run_dir(settings: TrainSettings, model_config: ModelConfig) -> str:
+    """``<storage_path>/<ray_run_name>``: the Ray run directory of this recipe."""
+    return storage.join(settings.storage_path, ray_run_name(settings, model_config))
+
+
 def open_run_for(
     *,
     settings: TrainSettings,
@@ -45,9 +49,12 @@ def open_run_for(
     project_root: Path,
 ) -> RunRef:
     """The MLflow run of this Ray run: the recorded one when resuming, else a new one."""
-    where = f"{settings.storage_path}/{ray_run_name(settings, model_config)}"
-    fs, run_dir = pyarrow.fs.FileSystem.from_uri(where)
-    manifest = _read_json(fs, f"{run_dir}/{MANIFEST}") or {}
+    where = ray_run_dir(settings, model_config)
+    manifest_path = storage.join(where, MANIFEST)
+    try:
+        manifest = storage.read_json(manifest_path)
+    except storage.NotFound:
+        manifest = {}
     run = open_or_create_run(
         tracking_uri=tracking_uri,
         experiment=experiment,
@@ -56,19 +63,6 @@ def open_run_for(
         run_id=manifest.get("mlflow_run_id"),
         tags={"ray.run_dir": where},
     )
-    fs.create_dir(run_dir, recursive=True)
     manifest = {"recipe": recipe(settings, model_config), "mlflow_run_id": run.run_id}
-    _write_json(fs, f"{run_dir}/{MANIFEST}", manifest)
+    storage.write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     return run
-
-
-def _read_json(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | None:
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
-
-
-def _write_json(fs: pyarrow.fs.FileSystem, path: str, data: dict[str, Any]) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write((json.dumps(data, indent=2) + "\n").encode())

@@ -9,7 +9,7 @@ split, and checking that shards fit a model configuration (``shard_writer`` writ
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -156,14 +156,19 @@ def read_manifest(split_dir: storage.Location) -> dict[str, Any]:
         ) from None
 
 
-def shard_files(split_dir: storage.Location) -> tuple[pafs.FileSystem, list[str]]:
+def shard_files(
+    split_dir: storage.Location, *, manifest: Mapping[str, Any] | None = None
+) -> tuple[pafs.FileSystem, list[str]]:
     """A finished split's filesystem and its parts' paths on it, in order: what
     ``pyarrow.parquet`` and ``ray.data.read_parquet`` read from any storage (``filesystem=``),
     including fsspec-only protocols that they cannot resolve from a URI.
 
     The filesystem is resolved once per split (on S3 each resolution looks up the region).
+    ``manifest`` is the split's manifest when the caller has already read it.
     """
-    names = [shard["file"] for shard in read_manifest(split_dir)["shards"]]
+    if manifest is None:
+        manifest = read_manifest(split_dir)
+    names = [shard["file"] for shard in manifest["shards"]]
     fs, root = storage.filesystem(split_dir)
     paths = [f"{root.rstrip('/')}/{name}" for name in names]
     found = fs.get_file_info(paths)

@@ -287,12 +287,7 @@ class _Trainer:
 
     def node_ids(self) -> list[str]:
         """The Ray node of every rank, in rank order (a collective: every rank calls it)."""
-        mine = ray.get_runtime_context().get_node_id()
-        if self.world == 1:
-            return [mine]
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine)
-        return gathered
+        return self._all_gather(ray.get_runtime_context().get_node_id())
 
     def replicas(self) -> list[dict[str, Any]]:
         """Each rank's node and a digest of its weights, gathered on every rank: DDP keeps
@@ -302,6 +297,10 @@ class _Trainer:
             "node_id": ray.get_runtime_context().get_node_id(),
             "state_sha256": state_digest(self.module),
         }
+        return self._all_gather(mine)
+
+    def _all_gather(self, mine: Any) -> list[Any]:
+        """Every rank's ``mine``, in rank order, on every rank (a collective)."""
         if self.world == 1:
             return [mine]
         gathered: list[Any] = [None] * self.world

@@ -31,7 +31,7 @@ from maskrcnn.model import MaskRCNN
 from pipeline import storage
 from pipeline.loader import ray_dataset
 from pipeline.ray_runtime import cluster_node_count, ensure_ray
-from pipeline.run_manifest import open_run_for, ray_run_name
+from pipeline.run_manifest import open_run_for, ray_run_dir, ray_run_name
 from pipeline.shards import check_compatible, read_manifest
 from pipeline.tracking import (
     RunRef,
@@ -102,7 +102,7 @@ def train(
     ensure_ray(ray_address)
     tracking_uri = resolve_tracking_uri(tracking.uri, project_root=root)
     check_uri_for_cluster(tracking_uri, node_count=cluster_node_count())
-    run_dir = storage.join(storage_path, ray_run_name(settings, model_config))
+    run_dir = ray_run_dir(settings, model_config)
     run = open_run_for(
         settings=settings,
         model_config=model_config,
