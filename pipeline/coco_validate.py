@@ -120,7 +120,8 @@ def segmentation_box(segmentation: Segmentation, height: int, width: int) -> Box
 def polygon_area(points: np.ndarray) -> float:
     """Area of a simple polygon of [K, 2] points (shoelace formula)."""
     x, y = points[:, 0], points[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+    wrap = x[-1] * y[0] - y[-1] * x[0]  # the closing edge, from the last point to the first
+    return float(abs(np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]) + wrap) / 2)
 
 
 def clip_to_rectangle(points: np.ndarray, width: float, height: float) -> np.ndarray:

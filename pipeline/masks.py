@@ -53,34 +53,43 @@ def decode_rle(counts: bytes | str, height: int, width: int) -> np.ndarray:
 
 
 def compressed_rle_counts(counts: bytes | str) -> list[int]:
-    """The run lengths in a compressed RLE string (pycocotools' ``rleFrString``, in Python).
+    """The run lengths in a compressed RLE string (pycocotools' ``rleFrString``, vectorised).
 
     Used to check that the runs cover exactly the image before pycocotools decodes them: when
-    they fall short, pycocotools leaves the rest of the mask uninitialised.
+    they fall short, pycocotools leaves the rest of the mask uninitialised. Each run is a
+    little-endian group of 5-bit digits (bit 0x20: more digits follow; 0x10 on the last: the
+    value is negative); from the fourth run on, each value is stored as the difference to the
+    run two before it.
     """
     data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
-    runs: list[int] = []
-    pos = 0
-    while pos < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= len(data):
-                raise ValueError("compressed RLE ends in the middle of a run")
-            char = data[pos] - 48
-            if not 0 <= char < 64:
-                raise ValueError(f"compressed RLE holds an invalid character {data[pos]!r}")
-            value |= (char & 0x1F) << shift
-            more = bool(char & 0x20)
-            pos += 1
-            shift += 5
-            if not more and char & 0x10:
-                value |= -1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        if value < 0:
-            raise ValueError("compressed RLE holds a negative run length")
-        runs.append(value)
-    return runs
+    digits = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
+    bad = np.flatnonzero((digits < 0) | (digits >= 64))
+    if len(bad):
+        raise ValueError(f"compressed RLE holds an invalid character {data[bad[0]]!r}")
+    if len(digits) == 0:
+        return []
+    more = (digits & 0x20) != 0
+    if more[-1]:
+        raise ValueError("compressed RLE ends in the middle of a run")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > _MAX_RUN_DIGITS:
+        raise ValueError("compressed RLE holds a run longer than any image")
+    shift = 5 * (np.arange(len(digits)) - np.repeat(starts, lengths))
+    values = np.add.reduceat((digits & 0x1F) << shift, starts)
+    negative = (digits[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * lengths[negative])
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])  # run i (i >= 3) = stored value + run i - 2
+    runs[2::2] = np.cumsum(values[2::2])
+    if (runs < 0).any():
+        raise ValueError("compressed RLE holds a negative run length")
+    return runs.tolist()
+
+
+# 12 digits hold 60 bits: far beyond any image's pixel count, and safe from int64 overflow.
+_MAX_RUN_DIGITS = 12
 
 
 def rasterize_polygons(

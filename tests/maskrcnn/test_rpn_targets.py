@@ -150,3 +150,25 @@ def test_sample_pads_when_canvas_has_too_few_negatives():
     assert int((sample.labels == 1).sum()) == 2
     assert int((sample.labels == 0).sum()) == 10
     assert int((sample.labels == -1).sum()) == 244
+
+
+def test_sampled_negatives_are_uniform_over_the_negative_anchors():
+    """Rejection sampling must not favour any negative anchor (nor ever pick an excluded one)."""
+    targets = RPNTargets(torch.tensor([3, 40]), torch.zeros(2, 4), torch.arange(100, 150))
+    num_anchors, draws = 400, 2000
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(num_anchors)
+    for _ in range(draws):
+        sample = sample_rpn_targets(targets, num_anchors, batch_size=20, generator=g)
+        negatives = sample.idx[sample.labels == 0]
+        assert len(negatives.unique()) == 18
+        counts[negatives] += 1
+    excluded = torch.zeros(num_anchors, dtype=torch.bool)
+    excluded[[3, 40, *range(100, 150)]] = True
+    assert counts[excluded].sum() == 0
+    expected = draws * 18 / int((~excluded).sum())  # ~103 picks per negative anchor
+    chi2 = float(((counts[~excluded] - expected) ** 2 / expected).sum())
+    dof = int((~excluded).sum()) - 1  # 347: chi2 has mean 347 and sd ~26 when uniform
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5
+    # Low and high anchor indices are picked equally often: no bias from the order of draws.
+    assert abs(counts[150:275].mean() - counts[275:].mean()) < 0.05 * expected
