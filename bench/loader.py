@@ -21,6 +21,7 @@ and the loader's peak RSS for N and 10N images (each in a fresh process). Prints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -74,7 +75,8 @@ def build_data(root: Path, *, images: int, canvas: int, min_side: int, max_side:
 
 def torchvision_style_batches(annotation_file: Path, images_dir: Path, *, canvas: int, batch: int):
     """Decode, mask, flip and resize from the COCO files, as torchvision's references do."""
-    coco = COCO(str(annotation_file))
+    with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints; stdout is the JSON
+        coco = COCO(str(annotation_file))
     labels = {cid: i + 1 for i, cid in enumerate(sorted(coco.getCatIds()))}
     ids = sorted(coco.getImgIds())
     generator = torch.Generator().manual_seed(0)

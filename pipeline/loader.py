@@ -9,7 +9,6 @@ targets here: preprocessing kept them only to shape the RPN targets.
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -19,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
 
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
@@ -101,13 +100,17 @@ def decode_batch(
 
 
 def _paste_image(canvas_image: np.ndarray, data: bytes, *, flip: bool) -> int:
-    """Decode an encoded image into the top-left of ``canvas_image`` [3, S, S]; its width."""
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    height, width = pixels.shape[:2]
+    """Decode an encoded image into the top-left of ``canvas_image`` [3, S, S]; its width.
+
+    torchvision's decoder gives channels-first pixels without PIL's extra copies (15-25 %
+    faster per image, docs/benchmarks.md, "Loader").
+    """
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    pixels = decode_image(encoded, mode=ImageReadMode.RGB).numpy()
+    height, width = pixels.shape[1:]
     if height > canvas_image.shape[1] or width > canvas_image.shape[2]:
         raise ValueError(f"a {height}x{width} image does not fit the canvas {canvas_image.shape}")
-    canvas_image[:, :height, :width] = (pixels[:, ::-1] if flip else pixels).transpose(2, 0, 1)
+    canvas_image[:, :height, :width] = pixels[:, :, ::-1] if flip else pixels
     return width
 
 
