@@ -1,8 +1,10 @@
 """Preprocess one split: COCO images and annotations -> Parquet shards, on Ray Data.
 
-Ray tasks (one CPU each) decode, resize and encode the images, rasterise the masks and build
-the RPN targets; the driver receives their rows in image-id order (Ray Data's preserve_order)
-and writes the shards as they fill, so memory holds about one shard, whatever the dataset size,
+The images, in image-id order, are cut into shards of ``rows_per_shard``. One Ray task (one
+CPU) per shard decodes, resizes and encodes its images, rasterises the masks, builds the RPN
+targets and encodes the shard's Parquet file; the driver receives the files in order (Ray
+Data's preserve_order) and only writes them. So the driver does not limit how many nodes can
+work (docs/benchmarks.md, "Preprocess"), memory holds a few shards whatever the dataset size,
 and the output does not depend on how the work was scheduled.
 """
 
@@ -11,14 +13,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import torch
 from PIL import Image
@@ -32,17 +32,12 @@ from .coco import DataError, ImageRecord, instance_boxes, instance_masks, load_i
 from .images import resized_size
 from .masks import encode_rle, encode_rles, masks_to_boxes
 from .ray_runtime import ensure_ray
-from .shard_writer import SplitWriter
-from .shards import SCHEMA, rows_to_table, shard_metadata
+from .shard_writer import SplitWriter, encode_shard
+from .shards import rows_to_table, shard_metadata
 
 log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("jpeg", "png")
-# Images per Ray task: enough to amortise Ray's per-block overhead (8 vs 4: +9-12 % images/s,
-# docs/benchmarks.md, "Preprocess"), few enough to balance small splits.
-IMAGES_PER_TASK = 8
-_SKIP = "skip"  # an extra column of the task output: JSON of a skipped image, else null
-_TASK_SCHEMA = SCHEMA.append(pa.field(_SKIP, pa.string()))
 
 
 def canvas_scale(height: int, width: int, canvas: int) -> float:
@@ -68,12 +63,15 @@ def preprocess_split(
     manifest with their reason; a split left with no image is a DataError. Every location may
     be a local path or a URI (``pipeline.storage``). On a multi-node cluster, Ray workers open
     the image files: ``images_dir`` must be the same path on every node (a shared filesystem)
-    or object storage; the driver writes the shards.
+    or object storage. The tasks encode the shards and the driver writes them, so only the
+    driver needs write access to ``out_dir``.
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
     index = read_coco(annotation_file, images_dir)
     out_dir = storage.locate(out_dir)
     metadata = shard_metadata(
@@ -87,21 +85,24 @@ def preprocess_split(
     ensure_ray(ray_address)
     encoded = _encoded_dataset(
         index.records,
-        model_config=model_config,
-        image_format=image_format,
-        jpeg_quality=jpeg_quality,
+        rows_per_shard=rows_per_shard,
+        encode={
+            "model_config": model_config,
+            "image_format": image_format,
+            "jpeg_quality": jpeg_quality,
+            "metadata": metadata,
+        },
         progress=progress,
     )
     instances = crowd = 0
     with SplitWriter(out_dir, metadata=metadata, rows_per_shard=rows_per_shard) as writer:
         for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
-            failed = pc.is_valid(batch[_SKIP])
-            skipped += [json.loads(s) for s in batch.filter(failed)[_SKIP].to_pylist()]
-            rows = batch.filter(pc.invert(failed)).drop_columns([_SKIP])
-            iscrowd = pc.list_flatten(rows["iscrowd"])
-            instances += len(iscrowd)
-            crowd += pc.sum(iscrowd).as_py() or 0
-            writer.add(rows)
+            for shard in batch.to_pylist():
+                skipped += json.loads(shard["skipped"])
+                instances += shard["instances"]
+                crowd += shard["crowd"]
+                if shard["rows"]:
+                    writer.add_shard(shard["parquet"], shard["rows"])
         if writer.rows == 0:
             raise DataError(annotation_file, "images", "no usable images: every image was skipped")
         counts = {"images": writer.rows, "instances": instances, "crowd": crowd, "skipped": skipped}
@@ -120,18 +121,15 @@ def preprocess_split(
 
 
 def _encoded_dataset(
-    records: list[ImageRecord],
-    *,
-    model_config: ModelConfig,
-    image_format: str,
-    jpeg_quality: int,
-    progress: bool,
+    records: list[ImageRecord], *, rows_per_shard: int, encode: dict[str, Any], progress: bool
 ) -> ray.data.Dataset:
-    """A lazy Ray dataset of encoded rows (plus the skip column), in image-id order."""
+    """A lazy Ray dataset of encoded shards (one row each: Parquet bytes and counts), in order."""
     records = sorted(records, key=lambda r: r.image_id)
-    items = [{"image_id": r.image_id, "record": pickle.dumps(r)} for r in records]
-    blocks = max(1, math.ceil(len(items) / IMAGES_PER_TASK))
-    source = ray.data.from_items(items, override_num_blocks=blocks)
+    groups = [
+        {"records": pickle.dumps(records[start : start + rows_per_shard])}
+        for start in range(0, len(records), rows_per_shard)
+    ]
+    source = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
     context = source.context  # this dataset's own copy of the DataContext
     context.execution_options.preserve_order = True
     context.enable_progress_bars = progress
@@ -140,35 +138,54 @@ def _encoded_dataset(
     # 1.0 task at a time instead of 1.7; docs/benchmarks.md, "Preprocess").
     context.op_resource_reservation_enabled = False
     return source.map_batches(
-        encode_batch,
-        batch_size=IMAGES_PER_TASK,
-        batch_format="pyarrow",
-        num_cpus=1,
-        fn_kwargs={
-            "model_config": model_config,
-            "image_format": image_format,
-            "jpeg_quality": jpeg_quality,
-        },
+        encode_shard_task, batch_size=1, batch_format="pyarrow", num_cpus=1, fn_kwargs=encode
     )
 
 
-def encode_batch(
-    batch: pa.Table, *, model_config: ModelConfig, image_format: str, jpeg_quality: int
+def encode_shard_task(
+    batch: pa.Table,
+    *,
+    model_config: ModelConfig,
+    image_format: str,
+    jpeg_quality: int,
+    metadata: dict[str, Any],
 ) -> pa.Table:
-    """Ray task: pickled ImageRecords -> shard rows, with a skip entry for unusable images."""
+    """Ray task: one shard's pickled ImageRecords -> its Parquet bytes, counts and skips."""
     torch.set_num_threads(1)
-    options = {"model_config": model_config, "image_format": image_format}
-    rows, skips = [], []
-    for blob in batch["record"].to_pylist():
-        record: ImageRecord = pickle.loads(blob)
+    records: list[ImageRecord] = pickle.loads(batch["records"][0].as_py())
+    rows, skipped = [], []
+    for record in records:
         try:
-            rows.append(encode_record(record, **options, jpeg_quality=jpeg_quality))
-            skips.append(None)
+            rows.append(
+                encode_record(
+                    record,
+                    model_config=model_config,
+                    image_format=image_format,
+                    jpeg_quality=jpeg_quality,
+                )
+            )
         except DataError as error:
-            rows.append(_placeholder_row(record))
-            skips.append(json.dumps(_skip_entry(error.file, error.record, error.reason)))
-    table = rows_to_table(rows)
-    return table.append_column(_TASK_SCHEMA.field(_SKIP), pa.array(skips, pa.string()))
+            skipped.append(_skip_entry(error.file, error.record, error.reason))
+    iscrowd = [flag for row in rows for flag in row["iscrowd"]]
+    shard = {
+        "parquet": encode_shard(rows_to_table(rows), metadata) if rows else b"",
+        "rows": len(rows),
+        "instances": len(iscrowd),
+        "crowd": int(sum(iscrowd)),
+        "skipped": json.dumps(skipped),
+    }
+    return pa.Table.from_pylist([shard], schema=_SHARD_TASK_SCHEMA)
+
+
+_SHARD_TASK_SCHEMA = pa.schema(
+    [
+        ("parquet", pa.large_binary()),  # a shard may exceed the 2 GiB of a plain binary
+        ("rows", pa.int64()),
+        ("instances", pa.int64()),
+        ("crowd", pa.int64()),
+        ("skipped", pa.string()),
+    ]
+)
 
 
 def encode_record(
@@ -233,23 +250,6 @@ def encode_image(image: Image.Image, *, image_format: str, jpeg_quality: int) ->
     else:
         image.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
-
-
-def _placeholder_row(record: ImageRecord) -> dict[str, Any]:
-    """The row of a skipped image: it keeps the batch's shape and is dropped by the driver."""
-    empty = np.zeros(0)
-    row: dict[str, Any] = {name: empty for name in SCHEMA.names}
-    row.update(
-        image_id=record.image_id,
-        file_name=record.file_name,
-        height=record.height,
-        width=record.width,
-        scale=0.0,
-        image=b"",
-        masks=[],
-        mask_crops=[],
-    )
-    return row
 
 
 def _skip_entry(file: str | Path, record: Any, reason: str) -> dict[str, Any]:

@@ -39,32 +39,46 @@ ROW_GROUP_ROWS = 64
 _COMPRESSION = {field.name: "none" if field.name == "image" else "zstd" for field in SCHEMA}
 
 
-def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> int:
-    """Write ``table`` to ``path`` atomically (temporary name, fsync, rename); returns its bytes.
+def encode_shard(table: pa.Table, metadata: dict[str, Any]) -> bytes:
+    """A shard's Parquet file, in memory, with the split's metadata in its schema.
+
+    Ray tasks encode their own shards (the CPU work), so that the driver only writes bytes.
+    """
+    # One contiguous chunk per column: the file layout does not depend on how rows arrived.
+    table = table.combine_chunks().replace_schema_metadata({METADATA_KEY: _json_bytes(metadata)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=ROW_GROUP_ROWS,
+        compression=_COMPRESSION,
+        use_dictionary=["file_name"],
+    )
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard(data: bytes, path: Path) -> int:
+    """Write a shard's bytes to ``path`` atomically (temporary name, fsync, rename); its size.
 
     A reader, or a run that dies half-way, never sees a partial ``part-*.parquet``.
     """
-    table = table.replace_schema_metadata({METADATA_KEY: _json_bytes(metadata)})
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as sink:
-            pq.write_table(
-                table,
-                sink,
-                row_group_size=ROW_GROUP_ROWS,
-                compression=_COMPRESSION,
-                use_dictionary=["file_name"],
-            )
+            sink.write(data)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path.stat().st_size
+    return len(data)
 
 
 class SplitWriter:
     """Writes a split's shards in order and replaces the split directory as a whole.
+
+    Shards come as rows (``add``, cut into ``rows_per_shard``) or already encoded
+    (``add_shard``, as preprocess's Ray tasks make them).
 
     ``out_dir`` is a local path (or ``file://`` URI) or an object storage URI. Parts go to a
     scratch directory; ``finish`` writes the manifest (last) and publishes the split, so readers
@@ -72,16 +86,14 @@ class SplitWriter:
     removed and ``out_dir`` is untouched.
     """
 
-    def __init__(
-        self, out_dir: storage.Location, *, metadata: dict[str, Any], rows_per_shard: int
-    ):
+    def __init__(self, out_dir: storage.Location, *, metadata: dict[str, Any], rows_per_shard: int):
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
         self.out_dir = storage.locate(out_dir)
         self.metadata = metadata
         self.rows_per_shard = rows_per_shard
         self.shards: list[dict[str, Any]] = []
-        self.rows = 0  # rows added so far
+        self.rows = 0  # rows written so far
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         if isinstance(self.out_dir, Path):
@@ -101,23 +113,25 @@ class SplitWriter:
         """Append rows (in ``SCHEMA``), writing every full shard as soon as it is complete."""
         if table.num_rows == 0:
             return
-        self.rows += table.num_rows
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
 
+    def add_shard(self, data: bytes, rows: int) -> None:
+        """Write an already encoded shard (``encode_shard``) of ``rows`` rows as the next part."""
+        name = part_name(len(self.shards))
+        size = write_shard(data, self.work_dir / name)
+        self.rows += rows
+        self.shards.append({"file": name, "rows": rows, "bytes": size})
+        log.info("wrote %s (%d images, %.1f MB)", name, rows, size / 1e6)
+
     def _flush(self, rows: int) -> None:
         pending = pa.concat_tables(self._pending)
-        # One contiguous chunk per column: the file layout does not depend on how rows arrived.
-        shard = pending.slice(0, rows).combine_chunks()
         rest = pending.slice(rows)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows
-        name = part_name(len(self.shards))
-        size = write_shard(shard, self.work_dir / name, self.metadata)
-        self.shards.append({"file": name, "rows": rows, "bytes": size})
-        log.info("wrote %s (%d images, %.1f MB)", name, rows, size / 1e6)
+        self.add_shard(encode_shard(pending.slice(0, rows), self.metadata), rows)
 
     def finish(self, counts: dict[str, Any]) -> dict[str, Any]:
         """Write the last shard and the manifest, publish the split; returns the manifest.

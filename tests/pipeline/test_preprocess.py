@@ -162,7 +162,22 @@ def test_unusable_images_are_counted_skips_with_their_reason(source, tmp_path):
     assert "truncated" in skipped[1]["reason"]
     assert manifest["counts"]["images"] == source["images"] - 2
     ids = pq.read_table(tmp_path / "train" / "part-00000.parquet")["image_id"].to_pylist()
-    assert ids[:2] == [3, 4]
+    assert ids == [3, 4, 5]  # shards hold 5 images each by id; the first lost two
+
+
+def test_a_shard_whose_images_are_all_skipped_is_left_out(source, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(source["images_dir"], images)
+    files = sorted(images.iterdir())  # image ids 1..n in file name order
+    for file in files[5:10]:  # every image of the second shard
+        file.unlink()
+    manifest = _preprocess({**source, "images_dir": images}, tmp_path / "train")
+    assert source["images"] > 15  # so a third shard has images
+    assert [s["rows"] for s in manifest["shards"]] == [5, 5, source["images"] - 15]
+    assert [s["file"] for s in manifest["shards"]] == [f"part-0000{i}.parquet" for i in range(3)]
+    assert len(manifest["counts"]["skipped"]) == 5
+    ids = pq.read_table(tmp_path / "train" / "part-00001.parquet")["image_id"].to_pylist()
+    assert ids == [11, 12, 13, 14, 15]
 
 
 def test_a_split_without_a_readable_image_is_an_error(source, tmp_path):
@@ -176,12 +191,12 @@ def test_a_split_without_a_readable_image_is_an_error(source, tmp_path):
 def test_interrupted_run_leaves_only_complete_shards(source, tmp_path, monkeypatch):
     written = []
 
-    def write_two_then_fail(table, path, metadata):
+    def write_two_then_fail(data, path):
         if len(written) == 2:
-            path.with_name(path.name + ".tmp-x").write_bytes(b"PAR1 half")
+            path.with_name(path.name + ".tmp-x").write_bytes(data[:100])
             raise OSError("killed while writing")
         written.append(path.name)
-        return real_write(table, path, metadata)
+        return real_write(data, path)
 
     real_write = shard_writer.write_shard
     monkeypatch.setattr(shard_writer, "write_shard", write_two_then_fail)

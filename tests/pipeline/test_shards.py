@@ -15,7 +15,7 @@ from maskrcnn.config import ModelConfig, RPNConfig
 from pipeline import shard_writer, shards, storage
 from pipeline.coco import read_coco
 from pipeline.preprocess import encode_record
-from pipeline.shard_writer import SplitWriter, write_shard
+from pipeline.shard_writer import SplitWriter, encode_shard, write_shard
 from pipeline.shards import (
     MANIFEST,
     SCHEMA,
@@ -93,13 +93,14 @@ def test_split_is_cut_into_ordered_shards_with_metadata(tmp_path, shapes_rows):
 def test_a_failed_shard_write_leaves_no_part_file(tmp_path, shapes_rows, monkeypatch):
     rows, index = shapes_rows
 
-    def write_half_then_fail(table, sink, **kwargs):
-        sink.write(b"PAR1 partial")
+    data = encode_shard(rows_to_table(rows[:2]), _metadata(index))
+
+    def fsync_fails(fileno):
         raise OSError("disk full")
 
-    monkeypatch.setattr(shard_writer.pq, "write_table", write_half_then_fail)
+    monkeypatch.setattr(shard_writer.os, "fsync", fsync_fails)
     with pytest.raises(OSError, match="disk full"):
-        write_shard(rows_to_table(rows[:2]), tmp_path / "part-00000.parquet", _metadata(index))
+        write_shard(data, tmp_path / "part-00000.parquet")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -110,11 +111,11 @@ def test_an_interrupted_split_keeps_the_previous_one_whole(tmp_path, shapes_rows
     original = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
 
-    def fail_on_third_shard(table, path, metadata):
+    def fail_on_third_shard(data, path):
         calls.append(path.name)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_write(table, path, metadata)
+        return real_write(data, path)
 
     real_write = shard_writer.write_shard
     monkeypatch.setattr(shard_writer, "write_shard", fail_on_third_shard)
