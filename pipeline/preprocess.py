@@ -94,6 +94,13 @@ def preprocess_split(
         },
         progress=progress,
     )
+    log.info(
+        "%s: %d images in %d shards of up to %d, one Ray task each",
+        out_dir,
+        len(index.records),
+        -(-len(index.records) // rows_per_shard),
+        rows_per_shard,
+    )
     instances = crowd = 0
     with SplitWriter(out_dir, metadata=metadata, rows_per_shard=rows_per_shard) as writer:
         for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
