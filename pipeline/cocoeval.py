@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,18 +55,21 @@ def _quiet_pycocotools():
 
 def load_ground_truth(annotation_file: storage.Location) -> COCO:
     """The original COCO annotation file (a path or a URI), as pycocotools reads it."""
-    path = storage.locate(annotation_file)
-    if isinstance(path, str):  # pycocotools opens local files only
-        dataset = storage.read_json(path)
-        with _quiet_pycocotools():
-            coco = COCO()
-            coco.dataset = dataset
-            coco.createIndex()
-        return coco
-    if not path.is_file():
-        raise ValueError(f"annotation file {path} does not exist")
+    try:
+        raw = storage.read_bytes(annotation_file)
+    except FileNotFoundError:
+        raise ValueError(f"annotation file {annotation_file} does not exist") from None
+    return ground_truth_from_bytes(raw)
+
+
+def ground_truth_from_bytes(raw: bytes) -> COCO:
+    """A COCO annotation file's bytes as pycocotools' ground truth (for a caller that also
+    needs the bytes, so that the file is read once)."""
     with _quiet_pycocotools():
-        return COCO(str(path))
+        coco = COCO()
+        coco.dataset = json.loads(raw)
+        coco.createIndex()
+    return coco
 
 
 def to_coco_results(

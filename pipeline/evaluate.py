@@ -32,7 +32,7 @@ from . import storage
 from .coco import read_image
 from .cocoeval import (
     flat_metrics,
-    load_ground_truth,
+    ground_truth_from_bytes,
     pr_curve_rows,
     score_all,
     summary_table,
@@ -112,8 +112,9 @@ def evaluate(
             f"{model_path}: the model's canvas is {config.canvas}, but the shards in {shards_dir} "
             f"were made for canvas {manifest['canvas']}: preprocess with the model's canvas"
         )
-    gt = load_ground_truth(annotation_file)
-    _check_source(manifest, annotation_file)
+    raw = storage.read_bytes(annotation_file)  # read once: the ground truth and its sha256
+    gt = ground_truth_from_bytes(raw)
+    _check_source(manifest, annotation_file, hashlib.sha256(raw).hexdigest())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "overlays", ignore_errors=True)  # none left from an earlier run
@@ -197,10 +198,12 @@ def _pool_size(concurrency: int, *, gpu: bool) -> int:
     return size
 
 
-def _check_source(manifest: Mapping[str, Any], annotation_file: storage.Location) -> None:
-    """Warn when the shards were made from another annotation file than the one scored against."""
+def _check_source(
+    manifest: Mapping[str, Any], annotation_file: storage.Location, actual: str
+) -> None:
+    """Warn when the shards were made from another annotation file than the one scored against
+    (``actual``: the sha256 of the one scored against)."""
     expected = manifest.get("annotation_sha256")
-    actual = hashlib.sha256(storage.read_bytes(annotation_file)).hexdigest()
     if expected and expected != actual:
         log.warning("%s differs from the annotation file the shards were made from "
                     "(sha256 %s...): scores may not mean what you think", annotation_file,

@@ -221,13 +221,18 @@ def iter_batches(
 
 
 def ray_dataset(
-    split_dir: storage.Location, *, model_config: ModelConfig | None = None
+    split_dir: storage.Location,
+    *,
+    model_config: ModelConfig | None = None,
+    manifest: Mapping[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """A Ray dataset over a split's shards (after checking them against ``model_config``).
 
     ``split_dir`` must be a location every node reads: a shared path or an object store URI.
+    ``manifest`` is the split's manifest when the caller has already read it.
     """
-    manifest = None if model_config is None else check_compatible(split_dir, model_config)
+    if model_config is not None:
+        manifest = check_compatible(manifest or split_dir, model_config)
     filesystem, paths = shard_files(split_dir, manifest=manifest)
     return ray.data.read_parquet(paths, filesystem=filesystem, columns=list(COLUMNS))
 

@@ -82,10 +82,12 @@ def preprocess_split(
         image_format=image_format,
     )
     skipped = [_skip_entry(s.file, s.record, s.reason) for s in index.skipped]
+    records = index.records  # sorted by image id
+    groups = [records[i : i + rows_per_shard] for i in range(0, len(records), rows_per_shard)]
+    log.info("%s: %d images in %d shards, one Ray task each", out_dir, len(records), len(groups))
     ensure_ray(ray_address)
     encoded = _encoded_dataset(
-        index.records,
-        rows_per_shard=rows_per_shard,
+        groups,
         encode={
             "model_config": model_config,
             "image_format": image_format,
@@ -94,15 +96,8 @@ def preprocess_split(
         },
         progress=progress,
     )
-    log.info(
-        "%s: %d images in %d shards of up to %d, one Ray task each",
-        out_dir,
-        len(index.records),
-        -(-len(index.records) // rows_per_shard),
-        rows_per_shard,
-    )
     instances = crowd = 0
-    with SplitWriter(out_dir, metadata=metadata, rows_per_shard=rows_per_shard) as writer:
+    with SplitWriter(out_dir, metadata=metadata) as writer:
         for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.to_pylist():
                 skipped += json.loads(shard["skipped"])
@@ -128,15 +123,11 @@ def preprocess_split(
 
 
 def _encoded_dataset(
-    records: list[ImageRecord], *, rows_per_shard: int, encode: dict[str, Any], progress: bool
+    groups: list[list[ImageRecord]], *, encode: dict[str, Any], progress: bool
 ) -> ray.data.Dataset:
     """A lazy Ray dataset of encoded shards (one row each: Parquet bytes and counts), in order."""
-    records = sorted(records, key=lambda r: r.image_id)
-    groups = [
-        {"records": pickle.dumps(records[start : start + rows_per_shard])}
-        for start in range(0, len(records), rows_per_shard)
-    ]
-    source = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
+    items = [{"records": pickle.dumps(group)} for group in groups]
+    source = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     context = source.context  # this dataset's own copy of the DataContext
     context.execution_options.preserve_order = True
     context.enable_progress_bars = progress

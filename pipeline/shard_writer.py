@@ -77,8 +77,8 @@ def write_shard(data: bytes, path: Path) -> int:
 class SplitWriter:
     """Writes a split's shards in order and replaces the split directory as a whole.
 
-    Shards come as rows (``add``, cut into ``rows_per_shard``) or already encoded
-    (``add_shard``, as preprocess's Ray tasks make them).
+    Each shard comes encoded (``encode_shard``: preprocess's Ray tasks encode their own) and
+    becomes the next ``part-NNNNN.parquet``.
 
     ``out_dir`` is a local path (or ``file://`` URI) or an object storage URI. Parts go to a
     scratch directory; ``finish`` writes the manifest (last) and publishes the split, so readers
@@ -86,16 +86,10 @@ class SplitWriter:
     removed and ``out_dir`` is untouched.
     """
 
-    def __init__(self, out_dir: storage.Location, *, metadata: dict[str, Any], rows_per_shard: int):
-        if rows_per_shard < 1:
-            raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+    def __init__(self, out_dir: storage.Location, *, metadata: dict[str, Any]):
         self.out_dir = storage.locate(out_dir)
         self.metadata = metadata
-        self.rows_per_shard = rows_per_shard
         self.shards: list[dict[str, Any]] = []
-        self.rows = 0  # rows written so far
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
         if isinstance(self.out_dir, Path):
             self._target: _LocalSplit | _RemoteSplit = _LocalSplit(self.out_dir)
         else:
@@ -109,37 +103,23 @@ class SplitWriter:
         if exc_type is not None:
             self.abort()
 
-    def add(self, table: pa.Table) -> None:
-        """Append rows (in ``SCHEMA``), writing every full shard as soon as it is complete."""
-        if table.num_rows == 0:
-            return
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
-        while self._pending_rows >= self.rows_per_shard:
-            self._flush(self.rows_per_shard)
+    @property
+    def rows(self) -> int:
+        """Rows written so far."""
+        return sum(shard["rows"] for shard in self.shards)
 
     def add_shard(self, data: bytes, rows: int) -> None:
-        """Write an already encoded shard (``encode_shard``) of ``rows`` rows as the next part."""
+        """Write an encoded shard of ``rows`` rows as the next part."""
         name = part_name(len(self.shards))
         size = write_shard(data, self.work_dir / name)
-        self.rows += rows
         self.shards.append({"file": name, "rows": rows, "bytes": size})
         log.info("wrote %s (%d images, %.1f MB)", name, rows, size / 1e6)
 
-    def _flush(self, rows: int) -> None:
-        pending = pa.concat_tables(self._pending)
-        rest = pending.slice(rows)
-        self._pending = [rest] if rest.num_rows else []
-        self._pending_rows = rest.num_rows
-        self.add_shard(encode_shard(pending.slice(0, rows), self.metadata), rows)
-
     def finish(self, counts: dict[str, Any]) -> dict[str, Any]:
-        """Write the last shard and the manifest, publish the split; returns the manifest.
+        """Write the manifest, publish the split; returns the manifest.
 
         ``counts`` (images, instances, skipped, ...) go into the manifest with the bytes written.
         """
-        if self._pending_rows:
-            self._flush(self._pending_rows)
         written = sum(s["bytes"] for s in self.shards)
         counts = {**counts, "shards": len(self.shards), "bytes_written": written}
         manifest = {**self.metadata, "counts": counts, "shards": self.shards}

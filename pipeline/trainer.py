@@ -200,8 +200,9 @@ def _train_dataset(train_dir: str, *, seed: int) -> ray.data.Dataset:
     A split of at most ``CACHE_MAX_BYTES`` is read once and kept in Ray's object store, so an
     epoch does not re-read the files; a larger one streams from the files every epoch.
     """
-    dataset = ray_dataset(train_dir)
-    if read_manifest(train_dir)["counts"]["bytes_written"] <= CACHE_MAX_BYTES:
+    manifest = read_manifest(train_dir)
+    dataset = ray_dataset(train_dir, manifest=manifest)
+    if manifest["counts"]["bytes_written"] <= CACHE_MAX_BYTES:
         dataset = dataset.materialize()
     return dataset.randomize_block_order(
         seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from ray.data.collate_fn import ArrowBatchCollateFn
+from split_writing import write_split
 
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
@@ -18,7 +19,6 @@ from pipeline.coco import instance_masks, read_coco
 from pipeline.loader import decode_batch, iter_batches, make_collate_fn
 from pipeline.masks import masks_to_boxes
 from pipeline.preprocess import encode_record
-from pipeline.shard_writer import SplitWriter
 from pipeline.shards import rows_to_table, shard_metadata, shard_paths
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
@@ -49,11 +49,12 @@ def split(shapes_dataset, tmp_path_factory):
         split="train",
         image_format="png",
     )
-    with SplitWriter(out, metadata=metadata, rows_per_shard=6) as writer:
-        for record in index.records:
-            row = encode_record(record, model_config=CONFIG, image_format="png", jpeg_quality=95)
-            writer.add(rows_to_table([row]))
-        writer.finish({"images": len(index.records)})
+    rows = [
+        encode_record(record, model_config=CONFIG, image_format="png", jpeg_quality=95)
+        for record in index.records
+    ]
+    counts = {"images": len(rows)}
+    write_split(out, rows_to_table(rows), metadata, rows_per_shard=6, counts=counts)
     return out, {r.image_id: r for r in index.records}
 
 

@@ -10,12 +10,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from split_writing import write_split
 
 from maskrcnn.config import ModelConfig, RPNConfig
 from pipeline import shard_writer, shards, storage
 from pipeline.coco import read_coco
 from pipeline.preprocess import encode_record
-from pipeline.shard_writer import SplitWriter, encode_shard, write_shard
+from pipeline.shard_writer import encode_shard, write_shard
 from pipeline.shards import (
     MANIFEST,
     SCHEMA,
@@ -55,9 +56,13 @@ def _metadata(index) -> dict:
 
 
 def _write_split(out_dir, rows, index, *, rows_per_shard=5) -> dict:
-    with SplitWriter(out_dir, metadata=_metadata(index), rows_per_shard=rows_per_shard) as writer:
-        writer.add(rows_to_table(rows))
-        return writer.finish({"images": len(rows)})
+    return write_split(
+        out_dir,
+        rows_to_table(rows),
+        _metadata(index),
+        rows_per_shard=rows_per_shard,
+        counts={"images": len(rows)},
+    )
 
 
 def test_rows_round_trip_through_arrow_with_the_contract_types(shapes_rows):
