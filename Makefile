@@ -32,6 +32,7 @@ demo: $(STAMP)
 ## Everything, the multi-process Ray cluster test included (about 10 minutes on 2 quiet cores).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 ## Only the multi-process Ray cluster + MLflow server test (about 2 minutes).

@@ -4,7 +4,8 @@ Both produce what the model's training step consumes, in one process, same batch
 pass each after one warm-up batch, taking batches from the two in turn (so that both see the
 same load on a shared machine):
 
-- shards: ``pipeline.loader.iter_batches`` (decode the stored JPEG, paste on the canvas, decode
+- shards: ``pipeline.training.loader.iter_batches`` (decode the stored JPEG, paste on the
+  canvas, decode
   the in-box RLE mask crops, flip with p=0.5, draw the 256-anchor RPN sample from the stored
   targets);
 - torchvision-style (as torchvision's detection references + ``GeneralizedRCNNTransform``):
@@ -43,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 from common import add_shapes_args, run_json_child  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
-from pipeline.loader import iter_batches, make_collate_fn, ray_dataset  # noqa: E402
-from pipeline.preprocess import preprocess_split  # noqa: E402
-from pipeline.shapes import write_shapes_dataset  # noqa: E402
+from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
+from pipeline.shards.preprocess import preprocess_split  # noqa: E402
+from pipeline.training.loader import iter_batches, make_collate_fn, ray_dataset  # noqa: E402
 
 
 def build_data(root: Path, *, images: int, canvas: int, min_side: int, max_side: int) -> dict:

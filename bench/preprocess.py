@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from common import add_shapes_args, run_json_child  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
-from pipeline.shapes import write_shapes_dataset  # noqa: E402
+from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
 
 
 def make_dataset(root: Path, args: argparse.Namespace, images: int) -> dict[str, Path]:
@@ -140,7 +140,7 @@ def child(args: argparse.Namespace) -> dict:
     """One measurement in this process: throughput (--workers) or memory (--images)."""
     import ray
 
-    from pipeline.preprocess import preprocess_split
+    from pipeline.shards.preprocess import preprocess_split
 
     config = ModelConfig(num_classes=6, canvas=args.canvas)
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,9 +174,9 @@ def rpn_target_ms(args: argparse.Namespace) -> dict:
 
     from maskrcnn.anchors import anchor_grid
     from maskrcnn.rpn_targets import build_rpn_targets
-    from pipeline.coco import instance_boxes, read_coco
-    from pipeline.images import resized_size
-    from pipeline.preprocess import canvas_scale
+    from pipeline.coco.reader import instance_boxes, read_coco
+    from pipeline.io.images import resized_size
+    from pipeline.shards.preprocess import canvas_scale
 
     torch.set_num_threads(1)
     config = ModelConfig(num_classes=6, canvas=1024)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from common import add_shapes_args, run_json_child  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
-from pipeline.shapes import write_shapes_dataset  # noqa: E402
+from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
 
 SETUPS = {"1_node_1_cpu": 1, "2_nodes_1_cpu_each": 2}
 OBJECT_STORE_BYTES = 200 * 1024**2
@@ -75,7 +75,7 @@ def child(args: argparse.Namespace) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.preprocess import preprocess_split
+    from pipeline.shards.preprocess import preprocess_split
 
     node = {"num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})

@@ -1,6 +1,7 @@
 """Training throughput of the full path: Ray Train (1 and 2 workers) vs a torchvision-style loop.
 
-- Ray Train: ``pipeline.trainer.train`` exactly as the train stage runs it (Ray Data over the
+- Ray Train: ``pipeline.training.trainer.train`` exactly as the train stage runs it (Ray Data
+  over the
   Parquet shards, the loader's collate, DDP over gloo, MLflow logging to a SQLite store, a
   checkpoint at the end), one CPU per worker, with 1 and with 2 workers.
 - torchvision-style: a plain PyTorch ``DataLoader`` (one worker process) over the COCO files,
@@ -40,14 +41,14 @@ from model_step import synthetic_batch, torchvision_twin  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from maskrcnn.model import MaskRCNN  # noqa: E402
-from pipeline.params import load_params, model_config  # noqa: E402
-from pipeline.preprocess import preprocess_split  # noqa: E402
-from pipeline.ray_runtime import ensure_ray  # noqa: E402
-from pipeline.shapes import write_shapes_dataset  # noqa: E402
-from pipeline.shards import read_manifest  # noqa: E402
-from pipeline.tracking import TrackingSettings  # noqa: E402
-from pipeline.train_config import TrainSettings  # noqa: E402
-from pipeline.trainer import train  # noqa: E402
+from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
+from pipeline.config.params import load_params, model_config  # noqa: E402
+from pipeline.config.settings import TrainSettings  # noqa: E402
+from pipeline.io.ray_runtime import ensure_ray  # noqa: E402
+from pipeline.registry.tracking import TrackingSettings  # noqa: E402
+from pipeline.shards.preprocess import preprocess_split  # noqa: E402
+from pipeline.shards.schema import read_manifest  # noqa: E402
+from pipeline.training.trainer import train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

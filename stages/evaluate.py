@@ -7,9 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.evaluate import evaluate
-from pipeline.params import load_params, setup_logging
+from pipeline.config.params import load_params, setup_logging
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.io import storage
 
 log = logging.getLogger("stages.evaluate")
 

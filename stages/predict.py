@@ -12,31 +12,42 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.params import setup_logging
-from pipeline.predict import predict_files
+from pipeline.config.params import setup_logging
+from pipeline.inference.detector import check_images, predict_files
+from pipeline.registry.pyfunc import load_detector
 
 log = logging.getLogger("stages.predict")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="maskrcnn-predict", description=__doc__,
+        prog="maskrcnn-predict",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("images", nargs="+", help="image files (any size, JPEG, PNG, ...)")
-    parser.add_argument("--model", required=True,
-                        help="a model file, or a registered model: models:/<name>@<alias>")
+    parser.add_argument(
+        "--model", required=True, help="a model file, or a registered model: models:/<name>@<alias>"
+    )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--score-threshold", type=float, default=0.5,
-                        help="keep detections scoring at least this (default 0.5)")
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="keep detections scoring at least this (default 0.5)",
+    )
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     args = parser.parse_args(argv)
     setup_logging()
     try:
+        check_images(args.images)
+        detector = load_detector(args.model, tracking_uri=args.tracking_uri)
         path = predict_files(
-            model=args.model, images=args.images, out_dir=args.out,
-            score_threshold=args.score_threshold, tracking_uri=args.tracking_uri,
+            detector=detector,
+            images=args.images,
+            out_dir=args.out,
+            score_threshold=args.score_threshold,
             batch_size=args.batch_size,
         )
     except ValueError as err:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline import storage
-from pipeline.params import load_params, model_config, setup_logging
-from pipeline.preprocess import preprocess_split
-from pipeline.ray_runtime import ensure_ray
+from pipeline.config.params import load_params, model_config, setup_logging
+from pipeline.io import storage
+from pipeline.io.ray_runtime import ensure_ray
+from pipeline.shards.preprocess import preprocess_split
 
 log = logging.getLogger("stages.preprocess")
 

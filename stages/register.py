@@ -6,10 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.params import load_params, setup_logging
-from pipeline.register import register
-from pipeline.shards import read_manifest
+from pipeline.config.params import load_params, setup_logging
+from pipeline.io import storage
+from pipeline.registry.register import register
+from pipeline.shards.schema import read_manifest
 
 log = logging.getLogger("stages.register")
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.params import load_params
+from pipeline.config.params import load_params
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.params import load_params, setup_logging
-from pipeline.shapes import write_shapes_dataset
+from pipeline.coco.shapes import write_shapes_dataset
+from pipeline.config.params import load_params, setup_logging
 
 log = logging.getLogger("stages.synthesize")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline import storage
-from pipeline.params import load_params, model_config, setup_logging
-from pipeline.shards import read_manifest
-from pipeline.tracking import TrackingSettings
-from pipeline.train_config import TrainSettings
-from pipeline.trainer import train
+from pipeline.config.params import load_params, model_config, setup_logging
+from pipeline.config.settings import TrainSettings
+from pipeline.io import storage
+from pipeline.registry.tracking import TrackingSettings
+from pipeline.shards.schema import read_manifest
+from pipeline.training.trainer import train
 
 log = logging.getLogger("stages.train")
 

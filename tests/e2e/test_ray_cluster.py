@@ -29,7 +29,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from repo_copy import copy_repo
 
-from pipeline.train_loop import WORKER_NODES_TAG
+from pipeline.training.loop import WORKER_NODES_TAG
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 

@@ -25,9 +25,9 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import storage
-from pipeline.masks import encode_rle
-from pipeline.shapes import write_shapes_dataset
+from pipeline.coco.masks import encode_rle
+from pipeline.coco.shapes import write_shapes_dataset
+from pipeline.io import storage
 
 TINY_CATEGORIES = [{"id": 10, "name": "ten"}, {"id": 3, "name": "three"}]  # unsorted on purpose
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.shard_writer import SplitWriter, encode_shard
-from pipeline.storage import Location
+from pipeline.io.storage import Location
+from pipeline.shards.writer import SplitWriter, encode_shard
 
 
 def write_split(

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.coco import DataError, instance_masks, load_image, read_coco
+from pipeline.coco.reader import DataError, instance_masks, load_image, read_coco
 
 
 def _read(ds):

@@ -11,10 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.coco import instance_boxes, instance_masks, load_image, read_coco
-from pipeline.coco_validate import clip_to_rectangle, polygon_area
-from pipeline.images import resized_size
-from pipeline.masks import (
+from pipeline.coco.masks import (
     compressed_rle_counts,
     decode_rle,
     encode_rle,
@@ -23,6 +20,9 @@ from pipeline.masks import (
     rasterize_polygons,
     uncompressed_rle_counts,
 )
+from pipeline.coco.reader import instance_boxes, instance_masks, load_image, read_coco
+from pipeline.coco.validate import clip_to_rectangle, polygon_area
+from pipeline.io.images import resized_size
 
 
 def _read(ds):

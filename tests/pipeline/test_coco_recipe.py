@@ -27,16 +27,16 @@ from mlflow.tracking import MlflowClient
 from maskrcnn.checkpoints import load_model
 from maskrcnn.config import ModelConfig, RoIConfig, RPNConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.params import load_params, model_config
-from pipeline.preprocess import preprocess_split
-from pipeline.schedule import lr_factor
-from pipeline.shapes import write_shapes_dataset
-from pipeline.shards import read_manifest
-from pipeline.tracking import TrackingSettings
-from pipeline.train_config import TrainSettings
-from pipeline.train_progress import LOSS_NAMES
-from pipeline.train_state import MODEL_FILE, seed_everything
-from pipeline.trainer import TrainResult, train
+from pipeline.coco.shapes import write_shapes_dataset
+from pipeline.config.params import load_params, model_config
+from pipeline.config.settings import TrainSettings
+from pipeline.registry.tracking import TrackingSettings
+from pipeline.shards.preprocess import preprocess_split
+from pipeline.shards.schema import read_manifest
+from pipeline.training.progress import LOSS_NAMES
+from pipeline.training.schedule import lr_factor
+from pipeline.training.state import MODEL_FILE, seed_everything
+from pipeline.training.trainer import TrainResult, train
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "coco_r50_fpn_1x.yaml"

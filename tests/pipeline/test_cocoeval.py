@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.cocoeval import (
+from pipeline.evaluation.cocoeval import (
     flat_metrics,
     load_ground_truth,
     pr_curve_rows,

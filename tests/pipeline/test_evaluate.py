@@ -15,8 +15,8 @@ from pycocotools import mask as mask_utils
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.evaluate import _pool_size, evaluate
-from pipeline.preprocess import preprocess_split
+from pipeline.evaluation.evaluate import _pool_size, evaluate
+from pipeline.shards.preprocess import preprocess_split
 
 
 def tiny_config(canvas: int = 64) -> ModelConfig:

@@ -15,11 +15,11 @@ from split_writing import write_split
 
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
-from pipeline.coco import instance_masks, read_coco
-from pipeline.loader import decode_batch, iter_batches, make_collate_fn
-from pipeline.masks import masks_to_boxes
-from pipeline.preprocess import encode_record
-from pipeline.shards import rows_to_table, shard_metadata, shard_paths
+from pipeline.coco.masks import masks_to_boxes
+from pipeline.coco.reader import instance_masks, read_coco
+from pipeline.shards.preprocess import encode_record
+from pipeline.shards.schema import rows_to_table, shard_metadata, shard_paths
+from pipeline.training.loader import decode_batch, iter_batches, make_collate_fn
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
 S = CONFIG.canvas

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.params import load_params, model_config
+from pipeline.config.params import load_params, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

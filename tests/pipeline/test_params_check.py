@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.evaluate import evaluate
-from pipeline.params import load_params
-from pipeline.params_check import SECTION_KEYS, SECTIONS, main
-from pipeline.preprocess import preprocess_split
-from pipeline.register import register
-from pipeline.shapes import write_shapes_dataset
-from pipeline.tracking import TrackingSettings
+from pipeline.coco.shapes import write_shapes_dataset
+from pipeline.config.check import SECTION_KEYS, SECTIONS
+from pipeline.config.params import load_params
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.registry.register import register
+from pipeline.registry.tracking import TrackingSettings
+from pipeline.shards.preprocess import preprocess_split
+from stages.check_params import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,21 +13,26 @@ from torch import nn
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.images import resized_size
-from pipeline.masks import decode_rle
-from pipeline.predict import Detector, letterbox
-from pipeline.preprocess import canvas_scale as preprocess_scale
+from pipeline.coco.masks import decode_rle
+from pipeline.inference.detector import Detector, letterbox
+from pipeline.io.images import resized_size
+from pipeline.shards.preprocess import canvas_scale as preprocess_scale
 from stages.predict import main
 
 CATEGORIES = [{"id": 4, "name": "circle", "label": 1}, {"id": 9, "name": "square", "label": 2}]
 
 
 def tiny_config(**roi) -> ModelConfig:
-    return ModelConfig.from_dict({
-        "num_classes": 3, "backbone": "resnet18", "canvas": 64, "fpn_channels": 16,
-        "roi": {"representation_size": 32, "mask_layers": [16], **roi},
-        "rpn": {"pre_nms_top_n_test": 50, "post_nms_top_n_test": 20},
-    })
+    return ModelConfig.from_dict(
+        {
+            "num_classes": 3,
+            "backbone": "resnet18",
+            "canvas": 64,
+            "fpn_channels": 16,
+            "roi": {"representation_size": 32, "mask_layers": [16], **roi},
+            "rpn": {"pre_nms_top_n_test": 50, "post_nms_top_n_test": 20},
+        }
+    )
 
 
 class WholeImageModel(nn.Module):
@@ -48,8 +53,14 @@ class WholeImageModel(nn.Module):
             h, w = int(rows.max()) + 1, int(cols.max()) + 1
             mask = torch.zeros((1, 1, 64, 64))
             mask[..., :h, :w] = 1.0
-            out.append({"boxes": torch.tensor([[0.0, 0.0, w, h]]), "labels": torch.tensor([2]),
-                        "scores": torch.tensor([0.9]), "masks": mask})
+            out.append(
+                {
+                    "boxes": torch.tensor([[0.0, 0.0, w, h]]),
+                    "labels": torch.tensor([2]),
+                    "scores": torch.tensor([0.9]),
+                    "masks": mask,
+                }
+            )
         return out
 
 
@@ -93,8 +104,20 @@ def test_cli_writes_detections_and_overlays(model_file, tmp_path):
     Image.fromarray(_image(90, 160)).save(wide)
     Image.fromarray(_image(120, 70)).save(tall, quality=90)
     out = tmp_path / "out"
-    main(["--model", str(model_file), "--out", str(out), "--score-threshold", "0.0",
-          "--batch-size", "2", str(wide), str(tall)])
+    main(
+        [
+            "--model",
+            str(model_file),
+            "--out",
+            str(out),
+            "--score-threshold",
+            "0.0",
+            "--batch-size",
+            "2",
+            str(wide),
+            str(tall),
+        ]
+    )
     records = json.loads((out / "detections.json").read_text())
     assert [r["file"] for r in records] == [str(wide), str(tall)]
     for record, (height, width) in zip(records, ((90, 160), (120, 70)), strict=True):
@@ -103,8 +126,9 @@ def test_cli_writes_detections_and_overlays(model_file, tmp_path):
         assert n > 0  # random init with score threshold 0: the model keeps proposals
         assert len(record["boxes"]) == len(record["masks"]) == len(record["labels"]) == n
         assert all(m["size"] == [height, width] for m in record["masks"])
-        assert all(0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
-                   for x1, y1, x2, y2 in record["boxes"])
+        assert all(
+            0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height for x1, y1, x2, y2 in record["boxes"]
+        )
         assert set(record["category_names"]) <= {"class 1", "class 2"}  # file has no names
         with Image.open(record["overlay"]) as overlay:
             assert overlay.size == (width, height)
@@ -129,15 +153,21 @@ def test_cli_errors_name_the_problem(model_file, tmp_path, capsys):
 
 
 def test_overlay_tints_masks_and_leaves_the_rest():
-    from pipeline.overlay import class_colour, draw_detections
+    from pipeline.inference.overlay import class_colour, draw_detections
 
     image = np.full((60, 80, 3), 200, np.uint8)
     mask = np.zeros((1, 60, 80), np.uint8)
     mask[0, 20:40, 30:50] = 1
-    picture = np.asarray(draw_detections(
-        image, boxes=np.array([[30.0, 20.0, 50.0, 40.0]]), labels=np.array([2]),
-        scores=np.array([0.8]), masks=mask, names={2: "square"},
-    ))
+    picture = np.asarray(
+        draw_detections(
+            image,
+            boxes=np.array([[30.0, 20.0, 50.0, 40.0]]),
+            labels=np.array([2]),
+            scores=np.array([0.8]),
+            masks=mask,
+            names={2: "square"},
+        )
+    )
     inside, outside = picture[30, 40].astype(int), picture[55, 5]
     expected = 0.55 * 200 + 0.45 * np.array(class_colour(2))
     assert np.abs(inside - expected).max() <= 1

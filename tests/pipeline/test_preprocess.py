@@ -19,11 +19,11 @@ from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import build_rpn_targets
 from pipeline import shard_writer, shards, storage
-from pipeline.coco import DataError
-from pipeline.loader import iter_batches, make_collate_fn, ray_dataset
-from pipeline.masks import decode_rle, masks_to_boxes
-from pipeline.preprocess import preprocess_split
-from pipeline.shards import read_manifest, shard_paths
+from pipeline.coco.masks import decode_rle, masks_to_boxes
+from pipeline.coco.reader import DataError
+from pipeline.shards.preprocess import preprocess_split
+from pipeline.shards.schema import read_manifest, shard_paths
+from pipeline.training.loader import iter_batches, make_collate_fn, ray_dataset
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
 BOXES = pa.list_(pa.list_(pa.float32(), 4))

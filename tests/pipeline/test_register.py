@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.predict import predict_files
-from pipeline.register import decide, example_image, register
+from pipeline.inference.detector import predict_files
+from pipeline.registry.pyfunc import load_detector
+from pipeline.registry.register import decide, example_image, register
 
 NAME = "shapes-maskrcnn"
 CATEGORIES = [{"id": 4, "name": "circle", "label": 1}, {"id": 9, "name": "square", "label": 2}]
@@ -160,11 +161,10 @@ def test_predict_command_reads_a_registered_model(store, tmp_path):
         _register(store, NAME, 0.50)
     image = tmp_path / "image.png"
     image.write_bytes(example_image())
-    out = predict_files(model=f"models:/{NAME}@champion", images=[image], out_dir=tmp_path,
-                        score_threshold=0.0, tracking_uri=store["uri"])
+    detector = load_detector(f"models:/{NAME}@champion", tracking_uri=store["uri"])
+    out = predict_files(detector=detector, images=[image], out_dir=tmp_path, score_threshold=0.0)
     (record,) = json.loads(out.read_text())
     assert record["scores"] and set(record["category_names"]) <= {"circle", "square"}
     assert all(m["size"] == [48, 64] for m in record["masks"])
     with pytest.raises(ValueError, match="no-such-model"):
-        predict_files(model="models:/no-such-model@champion", images=[image], out_dir=tmp_path,
-                      tracking_uri=store["uri"])
+        load_detector("models:/no-such-model@champion", tracking_uri=store["uri"])

@@ -13,11 +13,11 @@ import pytest
 import ray
 
 from maskrcnn.config import ModelConfig
-from pipeline.cocoeval import load_ground_truth, score_all, to_coco_results
-from pipeline.images import resized_size
-from pipeline.masks import decode_rle, resize_mask
-from pipeline.preprocess import preprocess_split
-from pipeline.shards import read_manifest, shard_paths
+from pipeline.coco.masks import decode_rle, resize_mask
+from pipeline.evaluation.cocoeval import load_ground_truth, score_all, to_coco_results
+from pipeline.io.images import resized_size
+from pipeline.shards.preprocess import preprocess_split
+from pipeline.shards.schema import read_manifest, shard_paths
 
 
 @pytest.fixture(scope="module", autouse=True)

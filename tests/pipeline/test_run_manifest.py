@@ -1,8 +1,8 @@
 """The Ray run directory name: the same for a resumable change, new for another recipe."""
 
 from maskrcnn.config import ModelConfig
-from pipeline.run_manifest import ray_run_name
-from pipeline.train_config import TrainSettings
+from pipeline.config.settings import TrainSettings
+from pipeline.training.run_dir import ray_run_name
 
 MODEL = ModelConfig(num_classes=3, backbone="resnet18", canvas=128)
 

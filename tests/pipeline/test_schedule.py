@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pipeline.schedule import lr_factor, make_optimizer, make_scheduler
-from pipeline.train_config import TrainSettings
+from pipeline.config.settings import TrainSettings
+from pipeline.training.schedule import lr_factor, make_optimizer, make_scheduler
 
 
 def factor(step, **overrides):

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.coco import instance_masks, load_image, read_coco
-from pipeline.shapes import write_shapes_dataset
+from pipeline.coco.reader import instance_masks, load_image, read_coco
+from pipeline.coco.shapes import write_shapes_dataset
 
 
 def _files(root):

@@ -14,10 +14,9 @@ from split_writing import write_split
 
 from maskrcnn.config import ModelConfig, RPNConfig
 from pipeline import shard_writer, shards, storage
-from pipeline.coco import read_coco
-from pipeline.preprocess import encode_record
-from pipeline.shard_writer import encode_shard, write_shard
-from pipeline.shards import (
+from pipeline.coco.reader import read_coco
+from pipeline.shards.preprocess import encode_record
+from pipeline.shards.schema import (
     MANIFEST,
     SCHEMA,
     check_compatible,
@@ -28,6 +27,7 @@ from pipeline.shards import (
     shard_metadata,
     shard_paths,
 )
+from pipeline.shards.writer import encode_shard, write_shard
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
 

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
+from pipeline.io import storage
 
 
 def test_a_path_and_its_file_uri_name_the_same_file(tmp_path):

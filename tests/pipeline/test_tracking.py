@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import (
+from pipeline.registry.tracking import (
     RunRef,
     attached_run,
     check_uri_for_cluster,

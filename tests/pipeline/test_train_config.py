@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.train_config import TrainSettings
+from pipeline.config.settings import TrainSettings
 
 
 def test_lr_scales_linearly_with_the_global_batch():

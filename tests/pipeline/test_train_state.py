@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train_progress import LOSS_NAMES, LossWindow, format_duration, progress_line
-from pipeline.train_state import (
+from pipeline.training.progress import LOSS_NAMES, LossWindow, format_duration, progress_line
+from pipeline.training.state import (
     Progress,
     read_checkpoint,
     read_progress,

@@ -21,16 +21,16 @@ from ray.cluster_utils import Cluster
 from maskrcnn.checkpoints import load_model
 from maskrcnn.config import ModelConfig, RoIConfig, RPNConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.preprocess import preprocess_split
-from pipeline.ray_runtime import cluster_node_count
-from pipeline.shapes import write_shapes_dataset
-from pipeline.shards import read_manifest
-from pipeline.tracking import RunRef, TrackingSettings, check_uri_for_cluster
-from pipeline.train_config import TrainSettings
-from pipeline.train_loop import WORKER_NODES_TAG
-from pipeline.train_progress import LOSS_NAMES
-from pipeline.train_state import seed_everything, state_digest
-from pipeline.trainer import make_trainer, train
+from pipeline.coco.shapes import write_shapes_dataset
+from pipeline.config.settings import TrainSettings
+from pipeline.io.ray_runtime import cluster_node_count
+from pipeline.registry.tracking import RunRef, TrackingSettings, check_uri_for_cluster
+from pipeline.shards.preprocess import preprocess_split
+from pipeline.shards.schema import read_manifest
+from pipeline.training.loop import WORKER_NODES_TAG
+from pipeline.training.progress import LOSS_NAMES
+from pipeline.training.state import seed_everything, state_digest
+from pipeline.training.trainer import make_trainer, train
 
 OVERFIT_STEPS = 16
 OVERFIT_FACTOR = 1.5  # mean loss of the last 4 steps <= mean of the first 2 / 1.5

@@ -10,7 +10,7 @@ raises ``DataError`` for a missing, unreadable or wrongly sized file so that the
 a skip.
 
 The annotation file and the images directory are local paths or URIs (``s3://``, ``gs://``,
-``file://``, any fsspec protocol: ``pipeline.storage``). An image on object storage is read
+``file://``, any fsspec protocol: ``pipeline.io.storage``). An image on object storage is read
 with one request and no separate existence check: a missing one fails that read, which is
 the same counted skip as a missing local file.
 """
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from . import storage
-from .coco_validate import Box, Rejected, Segmentation, check_annotation
-from .images import ImageReadError, read_rgb, resized_size
-from .masks import decode_segmentation, rasterize_polygons, resize_mask
+from pipeline.coco.masks import decode_segmentation, rasterize_polygons, resize_mask
+from pipeline.coco.validate import Box, Rejected, Segmentation, check_annotation
+from pipeline.io import storage
+from pipeline.io.images import ImageReadError, read_rgb, resized_size
 
 
 class DataError(ValueError):

@@ -28,9 +28,13 @@ from PIL import Image
 
 import maskrcnn
 import pipeline
-
-from .predict import read_model_info
-from .pyfunc_model import MaskRCNNPyfunc, input_example, model_signature, use_tracking_uri
+from pipeline.inference.detector import read_model_info
+from pipeline.registry.pyfunc import (
+    MaskRCNNPyfunc,
+    input_example,
+    model_signature,
+    use_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +75,16 @@ def register(
     promote, reason = decide(segm_ap=segm_ap, min_segm_ap=min_segm_ap, champion=previous)
     # Inside: the registry resolves the logged model's location through the fluent URI too.
     with use_tracking_uri(uri):
-        logged = _log_pyfunc(model_path, run_id=run["run_id"],
-                             categories=categories or stored_categories or [])
+        logged = _log_pyfunc(
+            model_path, run_id=run["run_id"], categories=categories or stored_categories or []
+        )
         if _registered(client, model_name) is None:
             client.create_registered_model(model_name)
         new = client.create_model_version(
-            model_name, source=logged.model_uri, run_id=run["run_id"], model_id=logged.model_id,
+            model_name,
+            source=logged.model_uri,
+            run_id=run["run_id"],
+            model_id=logged.model_id,
             tags={SEGM_TAG: str(segm_ap), BBOX_TAG: str(bbox_ap), "decision": reason},
         )
     client.set_registered_model_alias(model_name, CHALLENGER, new.version)
@@ -112,10 +120,12 @@ def decide(
     if best is None:
         return True, f"champion version {champion['version']} has no recorded segm AP"
     if segm_ap > best:
-        return True, (f"segm AP {segm_ap:.4f} beats champion version {champion['version']} "
-                      f"({best:.4f})")
-    return False, (f"segm AP {segm_ap:.4f} does not beat champion version "
-                   f"{champion['version']} ({best:.4f})")
+        return True, (
+            f"segm AP {segm_ap:.4f} beats champion version {champion['version']} ({best:.4f})"
+        )
+    return False, (
+        f"segm AP {segm_ap:.4f} does not beat champion version {champion['version']} ({best:.4f})"
+    )
 
 
 def _registered(client: MlflowClient, name: str) -> RegisteredModel | None:

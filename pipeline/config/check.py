@@ -12,13 +12,12 @@ The typed sections are checked against the classes that consume them (``ModelCon
 them to, declared in ``SECTION_KEYS`` (tests/pipeline/test_params_check.py keeps the two in
 step).
 
-    python -m pipeline.params_check configs/coco_r50_fpn_1x.yaml
+    python -m stages.check_params configs/coco_r50_fpn_1x.yaml
 """
 
 from __future__ import annotations
 
 import difflib
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from maskrcnn.config import ModelConfig
-from pipeline.train_config import TrainSettings
+from pipeline.config.settings import TrainSettings
 
 SECTIONS = (
     "data", "shapes", "model", "preprocess", "train", "evaluate", "register", "tracking", "ray",
@@ -48,7 +47,7 @@ SECTION_KEYS: dict[str, dict[str, Any]] = {
         ),
         str,
     ),
-    # pipeline.shapes.write_shapes_dataset
+    # pipeline.coco.shapes.write_shapes_dataset
     "shapes": {
         "n_train": int,
         "n_val": int,
@@ -60,14 +59,14 @@ SECTION_KEYS: dict[str, dict[str, Any]] = {
         "crowd_fraction": float,
         "jpeg_quality": int,
     },
-    # pipeline.preprocess.preprocess_split
+    # pipeline.shards.preprocess.preprocess_split
     "preprocess": {
         "image_format": str,
         "jpeg_quality": int,
         "rows_per_shard": int,
         "progress": bool,
     },
-    # pipeline.evaluate.evaluate
+    # pipeline.evaluation.evaluate.evaluate
     "evaluate": {
         "batch_size": int,
         "score_threshold": float,
@@ -75,11 +74,11 @@ SECTION_KEYS: dict[str, dict[str, Any]] = {
         "overlay_score_threshold": float,
         "concurrency": int,
     },
-    # pipeline.register.register
+    # pipeline.registry.register.register
     "register": {"model_name": str, "min_segm_ap": float, "tracking_uri": str | None},
-    # pipeline.tracking.TrackingSettings
+    # pipeline.registry.tracking.TrackingSettings
     "tracking": {"uri": str | None, "experiment": str},
-    # pipeline.params.Params.ray_address
+    # pipeline.config.params.Params.ray_address
     "ray": {"address": str | None},
 }
 # Keys a complete file must set: dvc.yaml's templating reads every data path, and register's
@@ -229,24 +228,3 @@ def _build(
         build(dict(section))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: invalid {name} section: {exc}") from exc
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Check params files as complete recipes; print what is wrong, exit 1 if anything is."""
-    from pipeline.params import load_params
-
-    paths = (argv if argv is not None else sys.argv[1:]) or ["params.yaml"]
-    failed = 0
-    for path in paths:
-        try:
-            load_params(path, complete=True)
-        except (OSError, ValueError) as exc:
-            print(exc, file=sys.stderr)
-            failed += 1
-        else:
-            print(f"{path}: ok")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

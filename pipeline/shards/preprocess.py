@@ -26,14 +26,20 @@ from PIL import Image
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import build_rpn_targets
-
-from . import storage
-from .coco import DataError, ImageRecord, instance_boxes, instance_masks, load_image, read_coco
-from .images import resized_size
-from .masks import encode_rle, encode_rles, masks_to_boxes
-from .ray_runtime import ensure_ray
-from .shard_writer import SplitWriter, encode_shard
-from .shards import rows_to_table, shard_metadata
+from pipeline.coco.masks import encode_rle, encode_rles, masks_to_boxes
+from pipeline.coco.reader import (
+    DataError,
+    ImageRecord,
+    instance_boxes,
+    instance_masks,
+    load_image,
+    read_coco,
+)
+from pipeline.io import storage
+from pipeline.io.images import resized_size
+from pipeline.io.ray_runtime import ensure_ray
+from pipeline.shards.schema import rows_to_table, shard_metadata
+from pipeline.shards.writer import SplitWriter, encode_shard
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ def preprocess_split(
 
     The split is named after ``out_dir``. Unusable records are skipped and listed in the
     manifest with their reason; a split left with no image is a DataError. Every location may
-    be a local path or a URI (``pipeline.storage``). On a multi-node cluster, Ray workers open
+    be a local path or a URI (``pipeline.io.storage``). On a multi-node cluster, Ray workers open
     the image files: ``images_dir`` must be the same path on every node (a shared filesystem)
     or object storage. The tasks encode the shards and the driver writes them, so only the
     driver needs write access to ``out_dir``.

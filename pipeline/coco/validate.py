@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .masks import compressed_rle_counts
+from pipeline.coco.masks import compressed_rle_counts
 
 Box = tuple[float, float, float, float]
 Segmentation = list[list[float]] | dict[str, Any]
@@ -131,8 +131,12 @@ def clip_to_rectangle(points: np.ndarray, width: float, height: float) -> np.nda
     """
     if (points >= 0).all() and (points <= (width, height)).all():
         return points
-    for axis, limit, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False),
-                                    (1, height, True)):
+    for axis, limit, keep_below in (
+        (0, 0.0, False),
+        (0, width, True),
+        (1, 0.0, False),
+        (1, height, True),
+    ):
         if len(points) == 0:
             break
         points = _clip_half_plane(points, axis, float(limit), keep_below)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .masks import encode_rle, rasterize_polygons, uncompressed_rle_counts
+from pipeline.coco.masks import encode_rle, rasterize_polygons, uncompressed_rle_counts
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -76,8 +76,13 @@ def write_shapes_dataset(
     if max_instances < 1 or n_train < 1 or n_val < 1:
         raise ValueError("n_train, n_val and max_instances must be at least 1")
     out_dir = Path(out_dir)
-    look = {"min_side": min_side, "max_side": max_side, "max_instances": max_instances,
-            "empty_fraction": empty_fraction, "crowd_fraction": crowd_fraction}
+    look = {
+        "min_side": min_side,
+        "max_side": max_side,
+        "max_instances": max_instances,
+        "empty_fraction": empty_fraction,
+        "crowd_fraction": crowd_fraction,
+    }
     summary: dict[str, Any] = {"categories": CATEGORIES}
     for split, count in (("train", n_train), ("val", n_val)):
         images_dir = out_dir / "images" / split
@@ -92,8 +97,9 @@ def write_shapes_dataset(
             image_id, (height, width) = index + 1, pixels.shape[:2]
             file_name = f"{image_id:06d}.{'jpg' if rng.random() < 0.5 else 'png'}"
             (images_dir / file_name).write_bytes(_encode(pixels, file_name, jpeg_quality))
-            images.append({"id": image_id, "file_name": file_name, "height": height,
-                           "width": width})
+            images.append(
+                {"id": image_id, "file_name": file_name, "height": height, "width": width}
+            )
             for layer in layers:
                 ann = _annotation(layer, height, width)
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
@@ -182,8 +188,9 @@ def _shape(rng: np.random.Generator, kind: str, height: int, width: int) -> _Lay
     polygon = np.round(outline * stretch + centre, 2).ravel().tolist()
     mask = rasterize_polygons([polygon], height, width)
     if kind == "ring":  # a hole makes it a mask, not a polygon
-        hole = np.round(_outline("circle", radius * rng.uniform(0.45, 0.6), angle) * stretch
-                        + centre, 2)
+        hole = np.round(
+            _outline("circle", radius * rng.uniform(0.45, 0.6), angle) * stretch + centre, 2
+        )
         mask &= 1 - rasterize_polygons([hole.ravel().tolist()], height, width)
         return _Layer(_KIND_IDS[kind], False, mask, None)
     return _Layer(_KIND_IDS[kind], False, mask, polygon)

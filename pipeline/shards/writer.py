@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import storage
-from .shards import MANIFEST, METADATA_KEY, PART_GLOB, SCHEMA
+from pipeline.io import storage
+from pipeline.shards.schema import MANIFEST, METADATA_KEY, PART_GLOB, SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from ray.train import CheckpointConsistencyMode
 from maskrcnn.checkpoints import load_imagenet_backbone, load_torchvision_maskrcnn
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.loader import make_collate_fn
-from pipeline.schedule import make_optimizer, make_scheduler
-from pipeline.tracking import RunRef, attached_run, log_metrics
-from pipeline.train_config import TrainSettings
-from pipeline.train_progress import LossWindow, ThroughputMeter, progress_line
-from pipeline.train_state import (
+from pipeline.config.settings import TrainSettings
+from pipeline.registry.tracking import RunRef, attached_run, log_metrics
+from pipeline.training.loader import make_collate_fn
+from pipeline.training.progress import LossWindow, ThroughputMeter, progress_line
+from pipeline.training.schedule import make_optimizer, make_scheduler
+from pipeline.training.state import (
     Progress,
     read_checkpoint,
     seed_everything,

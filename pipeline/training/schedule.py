@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from pipeline.train_config import TrainSettings
+from pipeline.config.settings import TrainSettings
 
 
 def lr_factor(

@@ -26,9 +26,8 @@ from torchvision.io import ImageReadMode, decode_image
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import RPNTargets, sample_rpn_targets
-
-from . import storage
-from .shards import check_compatible, shard_files
+from pipeline.io import storage
+from pipeline.shards.schema import check_compatible, shard_files
 
 __all__ = [
     "ShardCollateFn",

@@ -28,9 +28,9 @@ import ray.data
 import torch
 from PIL import Image
 
-from . import storage
-from .coco import read_image
-from .cocoeval import (
+from pipeline.coco.masks import decode_rle
+from pipeline.coco.reader import read_image
+from pipeline.evaluation.cocoeval import (
     flat_metrics,
     ground_truth_from_bytes,
     pr_curve_rows,
@@ -38,11 +38,11 @@ from .cocoeval import (
     summary_table,
     to_coco_results,
 )
-from .masks import decode_rle
-from .overlay import draw_detections, save_overlay
-from .predict import Detector, read_model_info
-from .ray_runtime import ensure_ray
-from .shards import read_manifest, shard_files
+from pipeline.inference.detector import Detector, read_model_info
+from pipeline.inference.overlay import draw_detections, save_overlay
+from pipeline.io import storage
+from pipeline.io.ray_runtime import ensure_ray
+from pipeline.shards.schema import read_manifest, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,21 @@ def evaluate(
     started = time.perf_counter()
     ensure_ray(ray_address)
     images, results = _predict(
-        model_path=str(Path(model_path).resolve()), shards_dir=shards_dir, manifest=manifest,
-        batch_size=batch_size, score_threshold=score_threshold, concurrency=concurrency,
+        model_path=str(Path(model_path).resolve()),
+        shards_dir=shards_dir,
+        manifest=manifest,
+        batch_size=batch_size,
+        score_threshold=score_threshold,
+        concurrency=concurrency,
     )
     seconds = time.perf_counter() - started
-    log.info("inference: %d images, %d detections in %.1f s (%.2f images/s)",
-             len(images), len(results), seconds, len(images) / max(seconds, 1e-9))
+    log.info(
+        "inference: %d images, %d detections in %.1f s (%.2f images/s)",
+        len(images),
+        len(results),
+        seconds,
+        len(images) / max(seconds, 1e-9),
+    )
 
     scores = score_all(gt, results, image_ids=[image_id for image_id, _ in images])
     metrics = {
@@ -142,8 +151,12 @@ def evaluate(
     (out / "predictions.json").write_text(json.dumps(results) + "\n")
     _write_csv(out / "pr_curve.csv", pr_curve_rows(scores))
     _write_overlays(
-        images[:num_overlays], results, images_dir=images_dir, out_dir=out / "overlays",
-        categories=manifest["categories"], threshold=overlay_score_threshold,
+        images[:num_overlays],
+        results,
+        images_dir=images_dir,
+        out_dir=out / "overlays",
+        categories=manifest["categories"],
+        threshold=overlay_score_threshold,
     )
     if tracking_run:
         log_to_run(tracking_run, metrics, out)
@@ -193,8 +206,12 @@ def _pool_size(concurrency: int, *, gpu: bool) -> int:
     limit = int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1)) - 1
     size = max(1, min(concurrency, limit))
     if size < concurrency:
-        log.warning("evaluate.concurrency %d lowered to %d to fit the cluster (%s)",
-                    concurrency, size, "GPUs" if gpu else "CPUs, one kept for reading")
+        log.warning(
+            "evaluate.concurrency %d lowered to %d to fit the cluster (%s)",
+            concurrency,
+            size,
+            "GPUs" if gpu else "CPUs, one kept for reading",
+        )
     return size
 
 
@@ -205,9 +222,12 @@ def _check_source(
     (``actual``: the sha256 of the one scored against)."""
     expected = manifest.get("annotation_sha256")
     if expected and expected != actual:
-        log.warning("%s differs from the annotation file the shards were made from "
-                    "(sha256 %s...): scores may not mean what you think", annotation_file,
-                    expected[:12])
+        log.warning(
+            "%s differs from the annotation file the shards were made from "
+            "(sha256 %s...): scores may not mean what you think",
+            annotation_file,
+            expected[:12],
+        )
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
@@ -243,13 +263,21 @@ def _write_overlays(
             continue
         kept = by_image.get(image_id, [])
         height, width = pixels.shape[:2]
-        masks = np.stack([decode_rle(r["segmentation"]["counts"], height, width) for r in kept]) \
-            if kept else np.zeros((0, height, width), np.uint8)
-        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in kept)],
-                         dtype=np.float32).reshape(-1, 4)
+        masks = (
+            np.stack([decode_rle(r["segmentation"]["counts"], height, width) for r in kept])
+            if kept
+            else np.zeros((0, height, width), np.uint8)
+        )
+        boxes = np.array(
+            [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in kept)], dtype=np.float32
+        ).reshape(-1, 4)
         picture = draw_detections(
-            pixels, boxes=boxes, labels=np.array([label_of[r["category_id"]] for r in kept]),
-            scores=np.array([r["score"] for r in kept]), masks=masks, names=names,
+            pixels,
+            boxes=boxes,
+            labels=np.array([label_of[r["category_id"]] for r in kept]),
+            scores=np.array([r["score"] for r in kept]),
+            masks=masks,
+            names=names,
         )
         stem = re.sub(r"[^\w.-]", "_", Path(file_name).stem)
         written.append(save_overlay(picture, out_dir / f"{image_id}_{stem}.png"))
@@ -271,8 +299,9 @@ def log_to_run(run: Mapping[str, str], metrics: Mapping[str, Any], out_dir: Path
     batch = [Metric(key, float(value), now, 0) for key, value in values.items()]
     client.log_batch(run["run_id"], metrics=batch)
     client.log_artifacts(run["run_id"], str(out_dir), artifact_path="eval")
-    log.info("logged %d eval metrics and the eval files to MLflow run %s", len(values),
-             run["run_id"])
+    log.info(
+        "logged %d eval metrics and the eval files to MLflow run %s", len(values), run["run_id"]
+    )
 
 
 def _metric_name(name: str) -> str:

@@ -21,10 +21,9 @@ from maskrcnn.checkpoints import load_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from maskrcnn.postprocess import to_original
-
-from .images import read_rgb, resized_size
-from .masks import encode_rles
-from .overlay import draw_detections, save_overlay
+from pipeline.coco.masks import encode_rles
+from pipeline.inference.overlay import draw_detections, save_overlay
+from pipeline.io.images import read_rgb, resized_size
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,10 @@ class Detector:
             keep = output["scores"] >= score_threshold
             kept = {key: value[keep] for key, value in output.items()}
             original = to_original(
-                kept, scale=float(scale), height=int(height), width=int(width),
+                kept,
+                scale=float(scale),
+                height=int(height),
+                width=int(width),
                 mask_threshold=self.mask_threshold,
             )
             results.append({key: value.cpu().numpy() for key, value in original.items()})
@@ -161,60 +163,47 @@ class Detector:
             "category_ids": [self.category_ids.get(label, label) for label in labels],
             "category_names": [self.names.get(label, f"class {label}") for label in labels],
             "scores": [round(float(v), 5) for v in detection["scores"]],
-            "masks": [{"size": [int(height), int(width)], "counts": c.decode()}
-                      for c in encode_rles(masks)],
+            "masks": [
+                {"size": [int(height), int(width)], "counts": c.decode()}
+                for c in encode_rles(masks)
+            ],
         }
 
     def overlay(self, image: np.ndarray, detection: Detection) -> Image.Image:
-        return draw_detections(image, boxes=detection["boxes"], labels=detection["labels"],
-                               scores=detection["scores"], masks=detection["masks"],
-                               names=self.names)
+        return draw_detections(
+            image,
+            boxes=detection["boxes"],
+            labels=detection["labels"],
+            scores=detection["scores"],
+            masks=detection["masks"],
+            names=self.names,
+        )
 
 
-def load_detector(
-    model: str | os.PathLike, *, tracking_uri: str | None = None, device: str | None = None
-) -> Detector:
-    """A local model file, or a registered model (``models:/name@alias``, ``models:/name/3``),
-    on ``device`` (default: the GPU when there is one)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if str(model).startswith(("models:/", "runs:/")):
-        import mlflow  # only the registry path needs MLflow
-
-        from .pyfunc_model import use_tracking_uri
-
-        with use_tracking_uri(tracking_uri):
-            try:
-                pyfunc = mlflow.pyfunc.load_model(str(model))
-            except mlflow.exceptions.MlflowException as err:
-                where = mlflow.get_tracking_uri()
-                raise ValueError(f"cannot load {model} from {where}: {err.message}") from err
-        detector = pyfunc.unwrap_python_model().detector
-        detector.model.to(device)
-        detector.device = torch.device(device)
-        return detector
-    return Detector.from_file(model, device=device)
-
-
-def predict_files(
-    *,
-    model: str | os.PathLike,
-    images: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    score_threshold: float = 0.5,
-    tracking_uri: str | None = None,
-    batch_size: int = 1,
-) -> Path:
-    """Detect on image files; write ``detections.json`` and ``overlays/<name>.png`` to out_dir.
-
-    Missing files are reported before any model work; an unreadable one when its batch comes.
-    """
+def check_images(images: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image paths, or a ValueError naming the missing ones (before any model work)."""
     paths = [Path(p) for p in images]
     if not paths:
         raise ValueError("no images given")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"image files not found: {', '.join(missing)}")
-    detector = load_detector(model, tracking_uri=tracking_uri)
+    return paths
+
+
+def predict_files(
+    *,
+    detector: Detector,
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    score_threshold: float = 0.5,
+    batch_size: int = 1,
+) -> Path:
+    """Detect on image files; write ``detections.json`` and ``overlays/<name>.png`` to out_dir.
+
+    Missing files are reported before any model work; an unreadable one when its batch comes.
+    """
+    paths = check_images(images)
     out = Path(out_dir)
     records: list[dict[str, Any]] = []
     names: set[str] = set()
@@ -225,11 +214,19 @@ def predict_files(
         for path, image, detection in zip(chunk, pixels, detections, strict=True):
             name = path.stem if path.stem not in names else f"{path.stem}_{len(records)}"
             names.add(name)
-            overlay = save_overlay(detector.overlay(image, detection),
-                                   out / "overlays" / f"{name}.png")
+            overlay = save_overlay(
+                detector.overlay(image, detection), out / "overlays" / f"{name}.png"
+            )
             height, width = image.shape[:2]
-            records.append({"file": str(path), "height": height, "width": width,
-                            **detector.to_record(detection), "overlay": str(overlay)})
+            records.append(
+                {
+                    "file": str(path),
+                    "height": height,
+                    "width": width,
+                    **detector.to_record(detection),
+                    "overlay": str(overlay),
+                }
+            )
             log.info("%s: %d detections", path, len(detection["scores"]))
     target = out / "detections.json"
     target.write_text(json.dumps(records, indent=1) + "\n")

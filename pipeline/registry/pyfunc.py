@@ -19,19 +19,21 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-from mlflow.models import ModelSignature
+import torch
+from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 from PIL import Image, ImageOps
 
-from .images import ImageReadError, to_rgb
-from .predict import Detector
+from pipeline.inference.detector import Detector
+from pipeline.io.images import ImageReadError, to_rgb
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ("boxes", "labels", "category_ids", "category_names", "scores", "masks")
@@ -89,19 +91,49 @@ def input_example(image_bytes: bytes) -> pd.DataFrame:
 def model_signature() -> ModelSignature:
     """The input column, the output columns and the ``score_threshold`` parameter."""
     rle = Object([Property("size", Array("long")), Property("counts", "string")])
-    outputs = Schema([
-        ColSpec(Array(Array("double")), "boxes"),
-        ColSpec(Array("long"), "labels"),
-        ColSpec(Array("long"), "category_ids"),
-        ColSpec(Array("string"), "category_names"),
-        ColSpec(Array("double"), "scores"),
-        ColSpec(Array(rle), "masks"),
-    ])
+    outputs = Schema(
+        [
+            ColSpec(Array(Array("double")), "boxes"),
+            ColSpec(Array("long"), "labels"),
+            ColSpec(Array("long"), "category_ids"),
+            ColSpec(Array("string"), "category_names"),
+            ColSpec(Array("double"), "scores"),
+            ColSpec(Array(rle), "masks"),
+        ]
+    )
     return ModelSignature(
         inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
         outputs=outputs,
         params=ParamSchema([ParamSpec("score_threshold", "double", DEFAULT_SCORE_THRESHOLD)]),
     )
+
+
+def load_detector(
+    model: str | os.PathLike, *, tracking_uri: str | None = None, device: str | None = None
+) -> Detector:
+    """A local model file, or a registered model (``models:/name@alias``, ``models:/name/3``,
+    ``runs:/...``), on ``device`` (default: the GPU when there is one).
+
+    A registered model's files are downloaded and loaded like a local one, so the Detector
+    is built on the requested device instead of being moved there after a pyfunc load.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not str(model).startswith(("models:/", "runs:/")):
+        return Detector.from_file(model, device=device)
+    with use_tracking_uri(tracking_uri):
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model)))
+        except mlflow.exceptions.MlflowException as err:
+            where = mlflow.get_tracking_uri()
+            raise ValueError(f"cannot load {model} from {where}: {err.message}") from err
+    flavor = Model.load(local / "MLmodel").flavors.get("python_function", {})
+    artifacts = {name: local / spec["path"] for name, spec in flavor.get("artifacts", {}).items()}
+    if "model" not in artifacts:
+        raise ValueError(f"{model} is not a model registered by this pipeline (no model file)")
+    categories = (
+        json.loads(artifacts["categories"].read_text()) if "categories" in artifacts else None
+    )
+    return Detector.from_file(artifacts["model"], categories=categories, device=device)
 
 
 @contextmanager

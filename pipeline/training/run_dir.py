@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from maskrcnn.config import ModelConfig
-from pipeline import storage
-from pipeline.tracking import RunRef, open_or_create_run
-from pipeline.train_config import RESUMABLE_CHANGES, TrainSettings
+from pipeline.config.settings import RESUMABLE_CHANGES, TrainSettings
+from pipeline.io import storage
+from pipeline.registry.tracking import RunRef, open_or_create_run
 
 MANIFEST = "maskrcnn_run.json"
 

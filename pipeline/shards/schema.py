@@ -19,8 +19,7 @@ import pyarrow.parquet as pq
 
 from maskrcnn.anchors import anchor_config_hash, anchor_signature
 from maskrcnn.config import ModelConfig, RPNConfig
-
-from . import storage
+from pipeline.io import storage
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"maskrcnn"

@@ -20,14 +20,25 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from . import storage
+from pipeline.io import storage
 
 log = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
 # The order of COCOeval.stats for detection.
 SUMMARY_KEYS = (
-    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
 )
 # Precision-recall curves written for `dvc plots`: name -> IoU thresholds averaged over.
 PR_CURVES = {"iou50": (0.5,), "iou75": (0.75,), "iou50_95": tuple(np.linspace(0.5, 0.95, 10))}
@@ -121,8 +132,11 @@ def _load_results(gt: COCO, results: Sequence[dict[str, Any]], iou_type: str) ->
         with _quiet_pycocotools():
             return gt.loadRes(anns)
     empty = COCO()
-    empty.dataset = {"images": list(gt.dataset["images"]), "categories": gt.dataset["categories"],
-                     "annotations": []}
+    empty.dataset = {
+        "images": list(gt.dataset["images"]),
+        "categories": gt.dataset["categories"],
+        "annotations": [],
+    }
     with _quiet_pycocotools():
         empty.createIndex()
     return empty

@@ -19,7 +19,7 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Settings that may change while a run goes on under the same run name: how long it runs, how
 # often it logs and checkpoints, where and on how many workers it runs (the learning rate follows
 # the global batch). A change to any other setting is another recipe, hence another run
-# (pipeline.run_manifest).
+# (pipeline.training.run_dir).
 RESUMABLE_CHANGES = frozenset(
     {
         "num_workers",

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from maskrcnn.config import ModelConfig
-from pipeline.params_check import check_sections
+from pipeline.config.check import check_sections
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Params:
 
 def load_params(path: str | Path = "params.yaml", *, complete: bool = False) -> Params:
     """Read and check params.yaml: unknown sections and keys, wrong types and out-of-range
-    values are a ValueError naming the file and the key (``pipeline.params_check``), before
+    values are a ValueError naming the file and the key (``pipeline.config.check``), before
     any stage starts work. ``complete``: also require every section, as a full recipe must."""
     source = Path(path).resolve()
     if not source.exists():

@@ -3,7 +3,7 @@
 Resuming is Ray Train's: its run directory ``<storage_path>/<run_name>-<recipe hash>`` keeps
 the checkpoint list, so a worker group restarted after a failure, or a driver started again
 with the same run name and recipe, gets the latest checkpoint from ``ray.train.get_checkpoint()``
-(the directory name and the MLflow run that goes with it: ``pipeline.run_manifest``).
+(the directory name and the MLflow run that goes with it: ``pipeline.training.run_dir``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline import storage
-from pipeline.loader import ray_dataset
-from pipeline.ray_runtime import cluster_node_count, ensure_ray
-from pipeline.run_manifest import open_run_for, ray_run_dir, ray_run_name
-from pipeline.shards import check_compatible, read_manifest
-from pipeline.tracking import (
+from pipeline.config.settings import TrainSettings
+from pipeline.io import storage
+from pipeline.io.ray_runtime import cluster_node_count, ensure_ray
+from pipeline.registry.tracking import (
     RunRef,
     TrackingSettings,
     check_uri_for_cluster,
@@ -42,10 +40,12 @@ from pipeline.tracking import (
     log_params,
     resolve_tracking_uri,
 )
-from pipeline.train_config import TrainSettings
-from pipeline.train_loop import train_loop_per_worker
-from pipeline.train_progress import LOSS_NAMES
-from pipeline.train_state import MODEL_FILE
+from pipeline.shards.schema import check_compatible, read_manifest
+from pipeline.training.loader import ray_dataset
+from pipeline.training.loop import train_loop_per_worker
+from pipeline.training.progress import LOSS_NAMES
+from pipeline.training.run_dir import open_run_for, ray_run_dir, ray_run_name
+from pipeline.training.state import MODEL_FILE
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""COCO-format input: reading and validating annotation files, masks, the synthetic dataset."""

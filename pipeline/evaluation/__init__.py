@@ -1,0 +1,1 @@
+"""COCO evaluation: batch inference over the val shards with Ray Data, pycocotools scoring."""

@@ -1,0 +1,1 @@
+"""Storage (local paths and URIs), image decoding, the Ray runtime, the stages' output names."""

@@ -1,0 +1,1 @@
+"""MLflow: tracking URIs and runs, the pyfunc wrapper, and registration with champion gating."""

@@ -1,0 +1,1 @@
+"""The Parquet shard format: schema and metadata, the atomic writer, the preprocess filling it."""
