@@ -18,9 +18,11 @@ from PIL import Image
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import build_rpn_targets
-from pipeline import shard_writer, shards, storage
 from pipeline.coco.masks import decode_rle, masks_to_boxes
 from pipeline.coco.reader import DataError
+from pipeline.io import storage
+from pipeline.shards import schema as shards
+from pipeline.shards import writer as shard_writer
 from pipeline.shards.preprocess import preprocess_split
 from pipeline.shards.schema import read_manifest, shard_paths
 from pipeline.training.loader import iter_batches, make_collate_fn, ray_dataset

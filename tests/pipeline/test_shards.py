@@ -13,8 +13,10 @@ import pytest
 from split_writing import write_split
 
 from maskrcnn.config import ModelConfig, RPNConfig
-from pipeline import shard_writer, shards, storage
 from pipeline.coco.reader import read_coco
+from pipeline.io import storage
+from pipeline.shards import schema as shards
+from pipeline.shards import writer as shard_writer
 from pipeline.shards.preprocess import encode_record
 from pipeline.shards.schema import (
     MANIFEST,
