@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 Weights = tuple[float, float, float, float]
+UNIT_WEIGHTS: Weights = (1.0, 1.0, 1.0, 1.0)  # the RPN's BoxCoder
 
 # torchvision's clamp on dw, dh before exp(): boxes at most 1000/16 times the reference size.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -67,3 +68,10 @@ def encode_boxes(targets: Tensor, boxes: Tensor, weights: Weights) -> Tensor:
         ),
         dim=1,
     )
+
+
+def hflip_boxes(boxes: Tensor, width: float) -> Tensor:
+    """``boxes [..., 4]`` (x1, y1, x2, y2) of an image ``width`` pixels wide, mirrored
+    horizontally within that width: the boxes of the flipped image."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack((width - x2, y1, width - x1, y2), dim=-1)

@@ -19,6 +19,7 @@ from torch import Tensor
 from torchvision.ops import box_area, box_iou
 
 from .anchors import STRIDES, AnchorGrid
+from .box_ops import UNIT_WEIGHTS, encode_boxes
 from .config import RPNConfig
 
 
@@ -36,19 +37,6 @@ class RPNSample(NamedTuple):
     idx: Tensor  # int64 [batch_size]
     labels: Tensor  # float32 [batch_size]: 1 positive, 0 negative, -1 padding (not sampled)
     deltas: Tensor  # float32 [batch_size, 4]: regression targets, zero where not positive
-
-
-def encode_deltas(gt: Tensor, anchors: Tensor) -> Tensor:
-    """torchvision ``BoxCoder(weights=(1, 1, 1, 1)).encode`` for matched pairs of boxes."""
-    aw = anchors[:, 2] - anchors[:, 0]
-    ah = anchors[:, 3] - anchors[:, 1]
-    ax = anchors[:, 0] + 0.5 * aw
-    ay = anchors[:, 1] + 0.5 * ah
-    gw = gt[:, 2] - gt[:, 0]
-    gh = gt[:, 3] - gt[:, 1]
-    gx = gt[:, 0] + 0.5 * gw
-    gy = gt[:, 1] + 0.5 * gh
-    return torch.stack([(gx - ax) / aw, (gy - ay) / ah, torch.log(gw / aw), torch.log(gh / ah)], 1)
 
 
 def _pair_iou(boxes: Tensor, box_area_: Tensor, anchors: Tensor, anchor_area: Tensor) -> Tensor:
@@ -193,7 +181,7 @@ def build_rpn_targets(
         result = None if dense else _match(grid, gt, config)
         positive, ignored, matched = result or _match_dense(grid.anchors, gt, config)
     pos_idx = positive.nonzero().squeeze(1)
-    deltas = encode_deltas(matched, grid.anchors[pos_idx]) if len(gt) else torch.zeros(0, 4)
+    deltas = encode_boxes(matched, grid.anchors[pos_idx], UNIT_WEIGHTS)
     if len(crowd):
         near = torch.cat([_near_anchors(grid, c) for c in crowd]).unique()
         covered = torch.zeros(grid.num_anchors, dtype=torch.bool)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import numpy as np
 import ray
 import ray.data
 import torch
-from PIL import Image
 
 from pipeline.coco.masks import decode_rle
 from pipeline.coco.reader import read_image
@@ -41,6 +39,7 @@ from pipeline.evaluation.cocoeval import (
 from pipeline.inference.detector import Detector, read_model_info
 from pipeline.inference.overlay import draw_detections, save_overlay
 from pipeline.io import storage
+from pipeline.io.images import decode_rgb
 from pipeline.io.ray_runtime import ensure_ray
 from pipeline.shards.schema import read_manifest, shard_files
 
@@ -66,7 +65,7 @@ class ShardPredictor:
         self.score_threshold = score_threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]]
+        images = [decode_rgb(b) for b in batch["image"]]
         detections = self.detector.detect_resized(
             images,
             scales=[float(s) for s in batch["scale"]],

@@ -1,7 +1,15 @@
-"""Decoding image files to HxWx3 uint8 RGB, the way every stage must see them.
+"""Encoded image bytes -> uint8 RGB pixels: the one decoder every stage uses.
 
-EXIF orientation is applied (a phone photo stored sideways is shown upright, and its COCO
-height/width describe the upright image), and every pixel format is brought to 8-bit RGB.
+Preprocess (original files), the training loader and evaluation (shard images), predict and
+the MLflow pyfunc (files or request bytes) all call ``decode_chw`` or its channels-last view
+``decode_rgb``, so an image gives the same pixels in training, evaluation and serving.
+
+The pixel contract: EXIF orientation applied (a phone photo stored sideways is shown upright,
+and its COCO height/width describe the upright image), every pixel format brought to 8-bit RGB
+(alpha dropped, palettes expanded, 16-bit grey scaled to 8 bits, grey repeated). 8-bit RGB or
+grey JPEG and PNG go through torchvision's decoder (channels-first without PIL's extra copies,
+docs/benchmarks.md, "Loader"; it gives PIL's pixels for these, tests/pipeline/test_pixels.py);
+everything else, and every error message, comes from PIL.
 """
 
 from __future__ import annotations
@@ -11,9 +19,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_image
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_JPEG = b"\xff\xd8\xff"
+_PNG = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageReadError(ValueError):
@@ -21,27 +33,74 @@ class ImageReadError(ValueError):
 
 
 def read_rgb(source: Path | bytes) -> np.ndarray:
-    """The HxWx3 uint8 RGB pixels of an image file, EXIF orientation applied.
+    """The HxWx3 uint8 RGB pixels of an image file (a local path, or the file's bytes when it
+    was read from object storage), as ``decode_rgb`` gives them."""
+    if isinstance(source, Path):
+        if not source.is_file():
+            raise ImageReadError("image file not found")
+        try:
+            source = source.read_bytes()
+        except OSError as error:
+            raise ImageReadError(f"cannot read the image file: {error}") from None
+    return decode_rgb(source)
 
-    ``source`` is a local path, or the file's bytes when it was read from object storage.
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """HxWx3 uint8 RGB (C-contiguous) of encoded image bytes: ``decode_chw``, channels last."""
+    return np.ascontiguousarray(decode_chw(data).permute(1, 2, 0).numpy())
+
+
+def decode_chw(data: bytes) -> torch.Tensor:
+    """``[3, H, W]`` uint8 RGB of encoded image bytes; ImageReadError when they are not one.
+
+    The result may be a view (strided or expanded): copy it before writing into it.
     """
-    if isinstance(source, Path) and not source.is_file():
-        raise ImageReadError("image file not found")
+    fast = _decode_torchvision(bytes(data))
+    if fast is not None:
+        return fast
+    return torch.from_numpy(_decode_pil(bytes(data))).permute(2, 0, 1)
+
+
+def _decode_torchvision(data: bytes) -> torch.Tensor | None:
+    """8-bit RGB or grey JPEG/PNG via torchvision, or None to leave the bytes to PIL."""
+    if not (data.startswith(_JPEG) or _plain_png(data)):
+        return None
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        pixels = decode_image(encoded, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+    except RuntimeError:
+        return None  # truncated, corrupt or unsupported: PIL decodes it or says why not
+    if pixels.dtype != torch.uint8 or pixels.shape[0] not in (1, 3):
+        return None  # 16-bit, alpha, CMYK: PIL's conversions define those
+    return pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
+
+
+def _plain_png(data: bytes) -> bool:
+    """A PNG of 8-bit grey or RGB samples, by its header (IHDR: bit depth, colour type).
+
+    Palette PNGs are left to PIL: torchvision returns their palette indices unchanged.
+    """
+    return (
+        data.startswith(_PNG)
+        and data[12:16] == b"IHDR"
+        and data[24:26] in (b"\x08\x00", b"\x08\x02")
+    )
+
+
+def _decode_pil(data: bytes) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns about odd metadata it then handles
-            opened = io.BytesIO(source) if isinstance(source, bytes) else source
-            with Image.open(opened) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image.load()  # decodes now, so a truncated file fails here, not later
-                upright = ImageOps.exif_transpose(image)
-                return to_rgb(upright)
+                return _pil_to_rgb(ImageOps.exif_transpose(image))
     except ImageReadError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"unreadable or truncated image: {error}") from None
 
 
-def to_rgb(image: Image.Image) -> np.ndarray:
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     """HxWx3 uint8 RGB of any PIL image: alpha dropped, 16-bit grey scaled to 8 bits."""
     if image.mode in _SIXTEEN_BIT:
         grey = np.asarray(image).astype(np.float64)
@@ -66,3 +125,9 @@ def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
     The one definition of the resized size, shared by images, masks and boxes.
     """
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def canvas_scale(height: int, width: int, canvas: int) -> float:
+    """Canvas pixels per original pixel, the longer side becoming ``canvas``; rounded to
+    float32 as the shards store it, so that preprocess and predict resize identically."""
+    return float(np.float32(canvas / max(height, width)))

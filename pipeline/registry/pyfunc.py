@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -30,10 +29,9 @@ import torch
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
-from PIL import Image, ImageOps
 
 from pipeline.inference.detector import Detector
-from pipeline.io.images import ImageReadError, to_rgb
+from pipeline.io.images import ImageReadError, decode_rgb
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ("boxes", "labels", "category_ids", "category_names", "scores", "masks")
@@ -77,10 +75,8 @@ def decode_image(value: bytes | str, *, row: int = 0) -> np.ndarray:
     if not isinstance(value, (bytes, bytearray)):
         raise ValueError(f"row {row}: expected image bytes, got {type(value).__name__}")
     try:
-        with Image.open(io.BytesIO(value)) as image:
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, SyntaxError, ValueError, ImageReadError) as err:
+        return decode_rgb(bytes(value))
+    except ImageReadError as err:
         raise ValueError(f"row {row}: not a readable image ({err})") from None
 
 

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from maskrcnn.anchors import anchor_grid
+from maskrcnn.box_ops import hflip_boxes
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import build_rpn_targets
 from pipeline.coco.masks import encode_rle, encode_rles, masks_to_boxes
@@ -36,7 +37,7 @@ from pipeline.coco.reader import (
     read_coco,
 )
 from pipeline.io import storage
-from pipeline.io.images import resized_size
+from pipeline.io.images import canvas_scale, resized_size
 from pipeline.io.ray_runtime import ensure_ray
 from pipeline.shards.schema import rows_to_table, shard_metadata
 from pipeline.shards.writer import SplitWriter, encode_shard
@@ -44,11 +45,6 @@ from pipeline.shards.writer import SplitWriter, encode_shard
 log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("jpeg", "png")
-
-
-def canvas_scale(height: int, width: int, canvas: int) -> float:
-    """Canvas pixels per original pixel, as stored (float32): the longer side becomes canvas."""
-    return float(np.float32(canvas / max(height, width)))
 
 
 def preprocess_split(
@@ -203,8 +199,7 @@ def encode_record(
     masks = instance_masks(record, scale=scale)
     boxes = instance_boxes(record, scale=scale)
     iscrowd = np.array([i.iscrowd for i in record.instances], dtype=bool)
-    flipped = boxes.copy()
-    flipped[:, 0], flipped[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    flipped = hflip_boxes(torch.from_numpy(boxes), width).numpy()
     return {
         "image_id": record.image_id,
         "file_name": record.file_name,

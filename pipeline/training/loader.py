@@ -21,12 +21,13 @@ import torch
 from pycocotools import mask as mask_utils
 from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from maskrcnn.anchors import anchor_grid
+from maskrcnn.box_ops import hflip_boxes
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import RPNTargets, sample_rpn_targets
 from pipeline.io import storage
+from pipeline.io.images import decode_chw
 from pipeline.shards.schema import check_compatible, shard_files
 
 __all__ = [
@@ -101,11 +102,9 @@ def decode_batch(
 def _paste_image(canvas_image: np.ndarray, data: bytes, *, flip: bool) -> int:
     """Decode an encoded image into the top-left of ``canvas_image`` [3, S, S]; its width.
 
-    torchvision's decoder gives channels-first pixels without PIL's extra copies (15-25 %
-    faster per image, docs/benchmarks.md, "Loader").
+    ``decode_chw`` is the decoder evaluation and serving use too, channels-first as pasted.
     """
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    pixels = decode_image(encoded, mode=ImageReadMode.RGB).numpy()
+    pixels = decode_chw(data).numpy()
     height, width = pixels.shape[1:]
     if height > canvas_image.shape[1] or width > canvas_image.shape[2]:
         raise ValueError(f"a {height}x{width} image does not fit the canvas {canvas_image.shape}")
@@ -115,10 +114,8 @@ def _paste_image(canvas_image: np.ndarray, data: bytes, *, flip: bool) -> int:
 
 def _boxes(boxes: np.ndarray, width: int, *, flip: bool) -> Tensor:
     """float32 [N, 4] boxes, mirrored about the image's own width when flipped."""
-    if flip:
-        x1, y1, x2, y2 = boxes.T
-        boxes = np.stack([width - x2, y1, width - x1, y2], axis=1)
-    return torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32))
+    boxes = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32))
+    return hflip_boxes(boxes, width) if flip else boxes
 
 
 def _canvas_masks(
