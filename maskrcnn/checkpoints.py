@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,14 +95,52 @@ def load_imagenet_backbone(model: MaskRCNN, path: str | os.PathLike) -> LoadResu
     return LoadResult(path=str(path), loaded=len(kept), skipped=tuple(sorted(skipped)), note=note)
 
 
-def save_model(model: MaskRCNN, path: str | os.PathLike) -> None:
-    """Write ``{"format", "config", "state_dict"}`` to one torch file (atomically)."""
+def save_model(
+    model: MaskRCNN,
+    path: str | os.PathLike,
+    *,
+    categories: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
+    """Write ``{"format", "config", "state_dict"}`` to one torch file (atomically), plus
+    ``"categories"`` ([{id, name, label}], label 1..num_classes-1) when given, so that the
+    file alone names its classes (predict, register)."""
     path = Path(path)
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "state_dict": model.state_dict(),
+    }
+    if categories is not None:
+        payload["categories"] = _checked_categories(categories, model.config.num_classes, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": model.state_dict()}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def _checked_categories(
+    categories: Sequence[Mapping[str, Any]], num_classes: int, path: Path
+) -> list[dict[str, Any]]:
+    """Plain ``{id, name, label}`` dicts (what ``weights_only`` loading accepts), or a
+    ValueError naming the entry that lacks a key or has a label the model cannot output."""
+    out = []
+    for i, category in enumerate(categories):
+        try:
+            entry = {
+                "id": int(category["id"]),
+                "name": str(category["name"]),
+                "label": int(category["label"]),
+            }
+        except (KeyError, TypeError, ValueError) as err:
+            reason = f"category {i} {category!r} needs an int id, a name and an int label"
+            raise ValueError(f"{path}: {reason} ({err})") from None
+        if not 1 <= entry["label"] < num_classes:
+            raise ValueError(
+                f"{path}: category {i} has label {entry['label']}, outside 1..{num_classes - 1} "
+                f"of a model with num_classes={num_classes}"
+            )
+        out.append(entry)
+    return out
 
 
 def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> MaskRCNN:

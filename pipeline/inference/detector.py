@@ -23,17 +23,11 @@ from maskrcnn.model import MaskRCNN
 from maskrcnn.postprocess import to_original
 from pipeline.coco.masks import encode_rles
 from pipeline.inference.overlay import draw_detections, save_overlay
-from pipeline.io.images import read_rgb, resized_size
+from pipeline.io.images import canvas_scale, read_rgb, resized_size
 
 log = logging.getLogger(__name__)
 
 Detection = dict[str, np.ndarray]  # boxes [N,4] x1y1x2y2, labels [N], scores [N], masks [N,H,W]
-
-
-def canvas_scale(height: int, width: int, canvas: int) -> float:
-    """Canvas pixels per original pixel, the longer side becoming ``canvas``; rounded to
-    float32 as the shards store it, so that predict and preprocess resize identically."""
-    return float(np.float32(canvas / max(height, width)))
 
 
 def letterbox(image: np.ndarray, canvas: int) -> tuple[np.ndarray, float]:

@@ -134,7 +134,7 @@ def train(
 
     model = MaskRCNN(model_config)
     model.load_state_dict(state)
-    save_model(model, out / MODEL_OUT)
+    save_model(model, out / MODEL_OUT, categories=read_manifest(train_dir)["categories"])
     summary = result.return_value or {}
     history = summary.get("history", [])
     metrics = _final_metrics(summary, settings, wall_s=time.perf_counter() - started)
