@@ -61,11 +61,15 @@ def compressed_rle_counts(counts: bytes | str) -> list[int]:
     value is negative); from the fourth run on, each value is stored as the difference to the
     run two before it.
     """
-    data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    data = counts.encode("utf-8") if isinstance(counts, str) else bytes(counts)
     digits = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
     bad = np.flatnonzero((digits < 0) | (digits >= 64))
     if len(bad):
-        raise ValueError(f"compressed RLE holds an invalid character {data[bad[0]]!r}")
+        first = int(bad[0])
+        if data[first] >= 0x80:
+            raise ValueError(f"compressed RLE holds a non-ASCII character at byte {first}")
+        char = chr(data[first])
+        raise ValueError(f"compressed RLE holds an invalid character {char!r} at byte {first}")
     if len(digits) == 0:
         return []
     more = (digits & 0x20) != 0

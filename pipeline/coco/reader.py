@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.coco.masks import decode_segmentation, rasterize_polygons, resize_mask
-from pipeline.coco.validate import Box, Rejected, Segmentation, check_annotation
+from pipeline.coco.validate import Box, Rejected, Segmentation, check_annotation, crowd_flag
 from pipeline.io import storage
 from pipeline.io.images import ImageReadError, read_rgb, resized_size
 
@@ -137,6 +138,7 @@ def read_coco(annotation_file: storage.Location, images_dir: storage.Location) -
                 raise Rejected(f"category id {category_id!r} is not in categories")
             image = images[image_id]
             box, segmentation = check_annotation(ann, image["height"], image["width"])
+            iscrowd = crowd_flag(ann.get("iscrowd", 0))
         except Rejected as rejected:
             skipped.append(Skip(str(path), record, rejected.reason))
             continue
@@ -144,7 +146,7 @@ def read_coco(annotation_file: storage.Location, images_dir: storage.Location) -
             Instance(
                 category_id=category_id,
                 label=label_of[category_id],
-                iscrowd=bool(ann.get("iscrowd", 0)),
+                iscrowd=iscrowd,
                 bbox=box,
                 segmentation=segmentation,
                 ann_id=ann_id,
@@ -260,7 +262,8 @@ def _parse_json(path: Path | str, raw: bytes) -> dict[str, Any]:
         where = f"line {error.lineno} column {error.colno}"
         raise DataError(path, where, f"malformed JSON: {error.msg}") from None
     except UnicodeDecodeError as error:
-        raise DataError(path, f"byte {error.start}", "the annotation file is not UTF-8") from None
+        reason = "the annotation file is not UTF-8 (save it as UTF-8)"
+        raise DataError(path, f"byte {error.start}", reason) from None
     if not isinstance(data, dict):
         raise DataError(path, "top level", "expected a JSON object with images and categories")
     for key in ("images", "categories"):
@@ -273,13 +276,20 @@ def _categories(path: Path | str, data: dict[str, Any]) -> list[dict[str, Any]]:
     """Categories sorted by id, with contiguous labels 1..K."""
     by_id: dict[int, str] = {}
     for index, category in enumerate(data["categories"]):
-        if not isinstance(category, dict) or not _is_int(category.get("id")):
-            raise DataError(path, f"categories[{index}]", "a category needs an integer 'id'")
+        if not isinstance(category, dict):
+            raise DataError(path, f"categories[{index}]", "a category must be a JSON object")
+        if not _is_int(category.get("id")):
+            reason = f"a category needs an integer 'id', got {category.get('id')!r}"
+            raise DataError(path, f"categories[{index}]", reason)
         if category["id"] in by_id:
-            raise DataError(path, f"category id={category['id']}", "duplicate category id")
+            listed = sum(
+                isinstance(c, dict) and c.get("id") == category["id"] for c in data["categories"]
+            )
+            reason = f"duplicate category id (listed {listed} times)"
+            raise DataError(path, f"category id={category['id']}", reason)
         by_id[category["id"]] = str(category.get("name", category["id"]))
     if not by_id:
-        raise DataError(path, "categories", "no categories")
+        raise DataError(path, "categories", "the list is empty: at least one category is needed")
     return [
         {"id": cid, "name": by_id[cid], "label": label}
         for label, cid in enumerate(sorted(by_id), start=1)
@@ -303,11 +313,14 @@ def _images(
     images: dict[int, dict[str, Any]] = {}
     refused: dict[Any, str] = {}
     skipped: list[Skip] = []
+    links = _LinkCheck(images_dir) if isinstance(images_dir, Path) else None
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not _is_int(entry.get("id")):
             skipped.append(Skip(str(path), f"images[{index}]", "image entry without integer id"))
             continue
         reason = _image_problem(entry)
+        if reason is None and links is not None:
+            reason = links.problem(entry["file_name"])
         if reason:
             refused[entry["id"]] = reason
         else:
@@ -327,6 +340,31 @@ def _image_problem(entry: dict[str, Any]) -> str | None:
         if not _is_int(entry.get(key)) or entry[key] <= 0:
             return f"{key} is not a positive integer: {entry.get(key)!r}"
     return None
+
+
+class _LinkCheck:
+    """Refuses a file name whose real path (symbolic links followed) lies outside the images
+    directory, as a '..' part is refused. One ``lstat`` per image, one ``realpath`` per folder."""
+
+    def __init__(self, images_dir: Path):
+        self.images_dir = images_dir
+        self.root = os.path.realpath(images_dir)  # the directory itself may be a link
+        self.real_dirs: dict[str, str] = {}
+
+    def problem(self, file_name: str) -> str | None:
+        path = self.images_dir / file_name
+        folder = str(path.parent)
+        if folder not in self.real_dirs:
+            self.real_dirs[folder] = os.path.realpath(folder)
+        real = os.path.join(self.real_dirs[folder], path.name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if os.path.commonpath([self.root, real]) == self.root:
+            return None
+        return (
+            f"file_name {file_name!r} leads through a symbolic link to {real}, outside the "
+            "images directory"
+        )
 
 
 def _is_int(value: Any) -> bool:

@@ -36,10 +36,20 @@ def check_annotation(ann: dict[str, Any], height: int, width: int) -> tuple[Box,
     elif isinstance(segmentation, list) and segmentation:
         segmentation = clip_polygons(segmentation, height, width)
     else:
-        raise Rejected("no segmentation (neither polygons nor RLE)")
+        raise Rejected("no segmentation (neither polygons nor RLE): a mask is needed to train")
     if ann.get("bbox") is not None:
         return check_box(ann["bbox"], height, width), segmentation
     return segmentation_box(segmentation, height, width), segmentation
+
+
+def crowd_flag(value: Any) -> bool:
+    """COCO's ``iscrowd``: 0 or 1, also as a bool or the strings "0" and "1" (some exporters
+    write strings; ``bool("0")`` would be True)."""
+    if isinstance(value, int) and value in (0, 1):  # bool is an int
+        return bool(value)
+    if value in ("0", "1"):
+        return value == "1"
+    raise Rejected(f"iscrowd must be 0 or 1 (or the string '0' or '1'), got {value!r}")
 
 
 def check_box(bbox: Any, height: int, width: int) -> Box:
