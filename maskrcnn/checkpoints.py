@@ -118,6 +118,25 @@ def save_model(
     os.replace(tmp, path)
 
 
+def read_model_info(path: str | os.PathLike) -> tuple[ModelConfig, list[dict[str, Any]] | None]:
+    """A model file's configuration and its categories ([{id, name, label}]) if it stores
+    them, without building the model (the tensors are memory-mapped, not read)."""
+    if not Path(path).is_file():
+        raise ValueError(f"model file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except _UNREADABLE as err:
+        raise ValueError(f"{path}: cannot read a model file ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} model file")
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read a model file ({err})") from err
+    categories = payload.get("categories")
+    return config, [dict(c) for c in categories] if categories else None
+
+
 def _checked_categories(
     categories: Sequence[Mapping[str, Any]], num_classes: int, path: Path
 ) -> list[dict[str, Any]]:

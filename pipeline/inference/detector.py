@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskrcnn.checkpoints import load_model
-from maskrcnn.config import ModelConfig
+from maskrcnn.checkpoints import load_model, read_model_info
 from maskrcnn.model import MaskRCNN
 from maskrcnn.postprocess import to_original
 from pipeline.coco.masks import encode_rles
@@ -42,20 +41,6 @@ def letterbox(image: np.ndarray, canvas: int) -> tuple[np.ndarray, float]:
         return image, scale
     resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
     return np.asarray(resized), scale
-
-
-def read_model_info(model_path: str | os.PathLike) -> tuple[ModelConfig, list[dict] | None]:
-    """A model file's configuration and, if it stores them, its categories ([{id, name, label}]),
-    without building the model (the tensors are memory-mapped, not read)."""
-    if not Path(model_path).is_file():
-        raise ValueError(f"model file {model_path} does not exist")
-    try:
-        payload = torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
-        config = ModelConfig.from_dict(payload["config"])
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{model_path}: cannot read a model file ({err})") from err
-    categories = payload.get("categories")
-    return config, list(categories) if categories else None
 
 
 class Detector:
@@ -92,7 +77,8 @@ class Detector:
         categories: Sequence[Mapping[str, Any]] | None = None,
         device: str | torch.device = "cpu",
     ) -> Detector:
-        """Load a model file (``save_model``); categories from the argument, else the file."""
+        """Load a model file (``save_model``); categories from the argument, else those the
+        file stores (the train stage writes the shards' categories into it)."""
         _, stored = read_model_info(model_path)
         model = load_model(model_path, map_location="cpu")
         return cls(model, categories=categories or stored, device=device)

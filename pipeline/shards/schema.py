@@ -3,19 +3,17 @@
 One row per image: the resized image, its instances at the resized size, and its RPN anchor
 targets (plain and for the horizontally flipped image). This module owns the schema, the
 metadata every shard carries, building Arrow tables from per-image rows, reading a finished
-split, and checking that shards fit a model configuration (``shard_writer`` writes them).
+split, and checking that shards fit a model configuration (``writer`` writes them).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from maskrcnn.anchors import anchor_config_hash, anchor_signature
 from maskrcnn.config import ModelConfig, RPNConfig
@@ -179,24 +177,6 @@ def shard_files(
     if missing:
         raise ValueError(f"{split_dir}: shards listed in {MANIFEST} are missing: {missing[:3]}")
     return fs, paths
-
-
-def shard_paths(split_dir: storage.Location) -> list[str]:
-    """The parts of a finished split, in order: absolute paths (also for a ``file://`` URI),
-    or URIs on other storage, which pyarrow resolves itself for s3://, gs:// and hdfs://."""
-    fs, paths = shard_files(split_dir)
-    if isinstance(fs, pafs.LocalFileSystem):
-        return paths
-    return [storage.join(split_dir, p.rsplit("/", 1)[1]) for p in paths]
-
-
-def read_shard_metadata(path: storage.Location) -> dict[str, Any]:
-    """The ``maskrcnn`` JSON metadata stored in one Parquet shard (a path or a URI)."""
-    fs, where = storage.filesystem(path)
-    metadata = pq.read_schema(where, filesystem=fs).metadata or {}
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{path}: no '{METADATA_KEY.decode()}' metadata: not a maskrcnn shard")
-    return json.loads(metadata[METADATA_KEY])
 
 
 def check_compatible(source: storage.Location | dict[str, Any], model_config: ModelConfig) -> dict:

@@ -18,7 +18,7 @@ from maskrcnn.config import ModelConfig
 from pipeline.coco.masks import masks_to_boxes
 from pipeline.coco.reader import instance_masks, read_coco
 from pipeline.shards.preprocess import encode_record
-from pipeline.shards.schema import rows_to_table, shard_metadata, shard_paths
+from pipeline.shards.schema import rows_to_table, shard_files, shard_metadata
 from pipeline.training.loader import decode_batch, iter_batches, make_collate_fn
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
@@ -60,7 +60,8 @@ def split(shapes_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def table(split):
-    return pq.read_table(shard_paths(split[0])[0])
+    filesystem, paths = shard_files(split[0])
+    return pq.read_table(paths[0], filesystem=filesystem)
 
 
 def _decode(batch, *, flip_prob=0.0, seed=0):

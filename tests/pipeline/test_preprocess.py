@@ -24,7 +24,7 @@ from pipeline.io import storage
 from pipeline.shards import schema as shards
 from pipeline.shards import writer as shard_writer
 from pipeline.shards.preprocess import preprocess_split
-from pipeline.shards.schema import read_manifest, shard_paths
+from pipeline.shards.schema import read_manifest, shard_files
 from pipeline.training.loader import iter_batches, make_collate_fn, ray_dataset
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
@@ -254,9 +254,10 @@ def test_images_and_shards_behind_uris_match_local_ones(tiny_coco, tmp_path, mon
     [local_skip] = local["counts"].pop("skipped")
     assert skip == {**local_skip, "file": f"{source['images_dir']}/three.png"}
     assert remote == local
-    files = zip(shard_paths(local_dir), shard_paths(uri), strict=True)
+    names = [shard["file"] for shard in local["shards"]]
+    files = [(storage.join(local_dir, n), storage.join(uri, n)) for n in names]
     assert all(storage.read_bytes(a) == storage.read_bytes(b) for a, b in files)
-    images = pq.ParquetDataset(shard_paths(local_dir)).read()["image"].to_pylist()
+    images = pq.ParquetDataset(shard_files(local_dir)[1]).read()["image"].to_pylist()
     assert sorted(row["image"] for row in ray_dataset(uri).take_all()) == sorted(images)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "local", "remote"]
 

@@ -17,7 +17,7 @@ from pipeline.coco.masks import decode_rle, resize_mask
 from pipeline.evaluation.cocoeval import load_ground_truth, score_all, to_coco_results
 from pipeline.io.images import resized_size
 from pipeline.shards.preprocess import preprocess_split
-from pipeline.shards.schema import read_manifest, shard_paths
+from pipeline.shards.schema import read_manifest, shard_files
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,8 +42,9 @@ def stored_ground_truth_as_detections(split_dir) -> list[dict]:
     categories = read_manifest(split_dir)["categories"]
     label_to_category = {c["label"]: c["id"] for c in categories}
     results = []
-    for path in shard_paths(split_dir):
-        for row in pq.read_table(path).to_pylist():
+    filesystem, paths = shard_files(split_dir)
+    for path in paths:
+        for row in pq.read_table(path, filesystem=filesystem).to_pylist():
             height, width, scale = row["height"], row["width"], row["scale"]
             small_h, small_w = resized_size(height, width, scale)
             keep = ~np.array(row["iscrowd"], dtype=bool)

@@ -23,15 +23,24 @@ from pipeline.shards.schema import (
     SCHEMA,
     check_compatible,
     read_manifest,
-    read_shard_metadata,
     rows_to_table,
     shard_files,
     shard_metadata,
-    shard_paths,
 )
 from pipeline.shards.writer import encode_shard, write_shard
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
+
+
+def _parts(split_dir) -> list[str]:
+    """A finished split's part paths, in order, as pyarrow sees them on their filesystem."""
+    return shard_files(split_dir)[1]
+
+
+def _stored_metadata(path, filesystem=None) -> dict:
+    """The ``maskrcnn`` JSON metadata in one Parquet shard's key-value metadata."""
+    metadata = pq.read_schema(path, filesystem=filesystem).metadata or {}
+    return json.loads(metadata[shards.METADATA_KEY])
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +96,12 @@ def test_rows_round_trip_through_arrow_with_the_contract_types(shapes_rows):
 def test_split_is_cut_into_ordered_shards_with_metadata(tmp_path, shapes_rows):
     rows, index = shapes_rows
     manifest = _write_split(tmp_path / "train", rows, index, rows_per_shard=5)
-    paths = shard_paths(tmp_path / "train")
+    paths = _parts(tmp_path / "train")
     assert paths == [str(tmp_path / "train" / f"part-{i:05d}.parquet") for i in range(4)]
     assert [pq.read_metadata(p).num_rows for p in paths] == [5, 5, 5, 1]
     ids = [i for p in paths for i in pq.read_table(p, columns=["image_id"])["image_id"].to_pylist()]
     assert ids == [r["image_id"] for r in rows]
-    assert read_shard_metadata(paths[0]) == _metadata(index)
+    assert all(_stored_metadata(p) == _metadata(index) for p in paths)
     assert manifest == read_manifest(tmp_path / "train")
     assert manifest["counts"]["bytes_written"] == sum(os.path.getsize(p) for p in paths)
 
@@ -141,7 +150,7 @@ def test_a_new_run_replaces_every_part_of_the_old_split(tmp_path, shapes_rows):
     _write_split(out, rows[:3], index, rows_per_shard=2)  # 2 parts
     names = sorted(p.name for p in out.iterdir())
     assert names == [MANIFEST, "part-00000.parquet", "part-00001.parquet"]
-    assert sum(pq.read_metadata(p).num_rows for p in shard_paths(out)) == 3
+    assert sum(pq.read_metadata(p).num_rows for p in _parts(out)) == 3
 
 
 def test_refuses_to_replace_a_directory_with_foreign_files(tmp_path, shapes_rows):
@@ -190,9 +199,10 @@ def test_a_split_on_object_storage_is_uploaded_with_its_manifest_last(
     parts = [f"part-{i:05d}.parquet" for i in range(4)]
     assert memory_writes == [("write", name) for name in [*parts, MANIFEST]]
     assert read_manifest(location) == manifest
-    assert shard_paths(location) == [f"{location}/{name}" for name in parts]
-    assert read_shard_metadata(shard_paths(location)[0]) == _metadata(index)
     fs, paths = shard_files(location)
+    _, root = storage.filesystem(location)
+    assert paths == [f"{root}/{name}" for name in parts]
+    assert _stored_metadata(paths[0], fs) == _metadata(index)
     ids = [i for p in paths for i in pq.read_table(p, filesystem=fs)["image_id"].to_pylist()]
     assert ids == [r["image_id"] for r in rows]
     assert list(tmp_path.iterdir()) == []  # the local scratch directory is gone
@@ -245,10 +255,8 @@ def test_a_file_uri_is_the_local_directory(tmp_path, shapes_rows, monkeypatch):
     out = tmp_path / "shards" / "train"
     manifest = _write_split(out.as_uri(), rows, index)
     assert read_manifest(out) == manifest == read_manifest(out.as_uri())
-    assert (
-        shard_paths(out.as_uri())
-        == shard_paths(out)
-        == [str(out / f"part-{i:05d}.parquet") for i in range(4)]
-    )
+    (fs_uri, from_uri), (fs_path, from_path) = shard_files(out.as_uri()), shard_files(out)
+    assert isinstance(fs_uri, pafs.LocalFileSystem) and isinstance(fs_path, pafs.LocalFileSystem)
+    assert from_uri == from_path == [str(out / f"part-{i:05d}.parquet") for i in range(4)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no ./file: directory
     assert sorted(p.name for p in out.parent.iterdir()) == ["train"]  # renamed into place
