@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
+from pathlib import Path
+
+# Freed tensors leave the process at once with this glibc threshold, so that a peak RSS follows
+# the live tensors instead of the allocator's caching.
+FRESH_PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def add_shapes_args(parser: argparse.ArgumentParser, *, images: int, canvas: int = 512) -> None:
@@ -20,3 +26,26 @@ def run_json_child(command: list[str], env: dict[str, str] | None = None) -> dic
     """Run ``command`` to completion and parse the JSON on the last line of its stdout."""
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def run_fresh_child(command: list[str], env: dict[str, str] | None = None) -> dict:
+    """``run_json_child`` with ``FRESH_PROCESS_ENV``: for children that report ``peak_rss_mb``."""
+    return run_json_child(command, env={**(env or os.environ), **FRESH_PROCESS_ENV})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (``VmHWM``), in MB.
+
+    Not ``getrusage(...).ru_maxrss``: on Linux a process started by fork + exec keeps the
+    maximum of the process it was forked from, so a child of a large parent reports the
+    parent's peak. ``VmHWM`` starts again at exec.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages: how busy the machine was (2 cores: 2.0 = full)."""
+    return [round(x, 2) for x in os.getloadavg()]

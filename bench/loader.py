@@ -14,7 +14,9 @@ same load on a shared machine):
   The online RPN matching torchvision then does in every step is not counted here.
 
 Also, optionally, the shards through Ray Data (``iter_torch_batches`` + the collate function),
-and the loader's peak RSS for N and 10N images (each in a fresh process). Prints JSON.
+and the loader's peak RSS (``VmHWM``) for N and 10N images, each in a fresh process that
+only loads the batches (the data are built by another one). Prints JSON, with the load average
+at the start and at the end.
 
     .venv/bin/python bench/loader.py --images 64 --canvas 512 --batch-size 4 --ray --memory
 """
@@ -24,8 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -41,7 +42,7 @@ from pycocotools.coco import COCO
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_shapes_args, run_json_child  # noqa: E402
+from common import add_shapes_args, load_average, peak_rss_mb, run_fresh_child  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
@@ -51,8 +52,6 @@ from pipeline.training.loader import iter_batches, make_collate_fn, ray_dataset 
 
 def build_data(root: Path, *, images: int, canvas: int, min_side: int, max_side: int) -> dict:
     """A synthetic COCO split and its shards (preprocessed on a local Ray)."""
-    import ray
-
     write_shapes_dataset(
         root, n_train=images, n_val=1, seed=0, min_side=min_side, max_side=max_side
     )
@@ -161,8 +160,6 @@ def interleaved_images_per_second(*loaders) -> list[float]:
 
 
 def through_ray(shards: Path, config: ModelConfig, batch: int) -> float:
-    import ray
-
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         dataset = ray_dataset(shards, model_config=config)
@@ -174,10 +171,10 @@ def through_ray(shards: Path, config: ModelConfig, batch: int) -> float:
 
 
 def loader_peak_rss_mb(args: argparse.Namespace, images: int) -> float:
-    """Peak RSS of a fresh process that loads every batch of a split of ``images``."""
+    """Peak RSS (VmHWM) of a fresh process that loads every batch of a split of ``images``."""
     flags = _flags(args, images=images, batch_size=args.batch_size)
     command = [sys.executable, __file__, "--child-memory", *flags]
-    return run_json_child(command)["peak_rss_mb"]
+    return run_fresh_child(command)["peak_rss_mb"]
 
 
 def _flags(args: argparse.Namespace, **values: int) -> list[str]:
@@ -194,8 +191,7 @@ def child_memory(args: argparse.Namespace) -> None:
         shards = Path(tmp) / "shards" / "train"
         for _ in iter_batches(shards, batch_size=args.batch_size, model_config=config):
             pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mb": round(peak, 1)}))
+    print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1)}))
 
 
 def main() -> None:
@@ -221,6 +217,7 @@ def main() -> None:
         child_memory(args)
         return
     config = ModelConfig(num_classes=6, canvas=args.canvas)
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         data = build_data(Path(tmp), **sizes)
         shards, baseline = interleaved_images_per_second(
@@ -241,7 +238,6 @@ def main() -> None:
             "shard_loader_images_per_s": round(shards, 1),
             "torchvision_style_images_per_s": round(baseline, 1),
             "ratio": round(shards / baseline, 2),
-            "load_average_1min": os.getloadavg()[0],
         }
         if args.ray:
             result["ray_data_images_per_s"] = round(
@@ -251,6 +247,8 @@ def main() -> None:
         small, large = (loader_peak_rss_mb(args, n) for n in (args.images, 10 * args.images))
         result["loader_peak_rss_mb"] = {str(args.images): small, str(10 * args.images): large}
         result["loader_peak_rss_ratio_10x"] = round(large / small, 3)
+        result["memory"] = "VmHWM of a fresh process, MALLOC_MMAP_THRESHOLD_=65536"
+    result["load_average"] = {"start": load_at_start, "end": load_average()}
     print(json.dumps(result, indent=2))
 
 

@@ -17,18 +17,19 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import run_json_child
+from common import load_average, peak_rss_mb, run_fresh_child
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
 
 from maskrcnn import MaskRCNN, ModelConfig, anchor_grid, build_rpn_targets, sample_rpn_targets
 from maskrcnn.config import RoIConfig
@@ -70,21 +71,45 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def torchvision_twin(ours: MaskRCNN) -> TorchvisionMaskRCNN:
-    """torchvision's MaskRCNN with our backbone, head sizes, RPN/RoI settings and weights."""
+    """torchvision's MaskRCNN with our backbone, anchors, head sizes, RPN/RoI settings and
+    weights: every knob of ``ours.config`` that torchvision has is passed, none left at its
+    default."""
     cfg, rpn, roi = ours.config, ours.config.rpn, ours.config.roi
     channels, last = cfg.fpn_channels, roi.mask_layers[-1]
+    levels = ["0", "1", "2", "3"]
     twin = TorchvisionMaskRCNN(
         copy.deepcopy(ours.backbone),
         min_size=cfg.canvas,
         max_size=cfg.canvas,
+        image_mean=list(cfg.image_mean),
+        image_std=list(cfg.image_std),
+        rpn_anchor_generator=AnchorGenerator(
+            sizes=tuple((size,) for size in cfg.anchors.sizes),
+            aspect_ratios=(tuple(cfg.anchors.aspect_ratios),) * len(cfg.anchors.sizes),
+        ),
         rpn_head=RPNHead(channels, len(cfg.anchors.aspect_ratios)),
         rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train,
         rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
         rpn_post_nms_top_n_train=rpn.post_nms_top_n_train,
         rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
+        rpn_nms_thresh=rpn.nms_thresh,
+        rpn_fg_iou_thresh=rpn.fg_iou_thresh,
+        rpn_bg_iou_thresh=rpn.bg_iou_thresh,
+        rpn_batch_size_per_image=rpn.batch_size_per_image,
+        rpn_positive_fraction=rpn.positive_fraction,
+        rpn_score_thresh=rpn.score_thresh,
+        box_roi_pool=MultiScaleRoIAlign(levels, roi.box_pool_size, roi.sampling_ratio),
         box_head=TwoMLPHead(channels * roi.box_pool_size**2, roi.representation_size),
         box_predictor=FastRCNNPredictor(roi.representation_size, cfg.num_classes),
+        box_score_thresh=roi.score_thresh,
+        box_nms_thresh=roi.nms_thresh,
+        box_detections_per_img=roi.detections_per_img,
+        box_fg_iou_thresh=roi.fg_iou_thresh,
+        box_bg_iou_thresh=roi.bg_iou_thresh,
         box_batch_size_per_image=roi.batch_size_per_image,
+        box_positive_fraction=roi.positive_fraction,
+        bbox_reg_weights=roi.bbox_reg_weights,
+        mask_roi_pool=MultiScaleRoIAlign(levels, roi.mask_pool_size, roi.sampling_ratio),
         mask_head=MaskRCNNHeads(channels, list(roi.mask_layers), roi.mask_dilation),
         mask_predictor=MaskRCNNPredictor(last, last, cfg.num_classes),
     )
@@ -235,14 +260,6 @@ def measure_memory_here(args: argparse.Namespace) -> float:
     return peak_rss_mb()
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS. Not ``getrusage``: after fork + exec it reports the parent's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def child_argv(args: argparse.Namespace, which: str) -> list[str]:
     """The same settings on a child's command line, measuring ``which`` model's memory."""
     argv = ["--memory-of", which]
@@ -255,16 +272,12 @@ def child_argv(args: argparse.Namespace, which: str) -> list[str]:
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, float]:
-    """Peak memory of each model, each in a fresh child process.
-
-    glibc's mmap threshold is lowered in the children so that freed tensors leave the process
-    at once: the peak RSS then follows the live tensors instead of the allocator's caching.
-    """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    """Peak memory of each model, each in a fresh child process (``run_fresh_child``: freed
+    tensors leave the process at once, so the peak RSS follows the live tensors)."""
     peaks = {}
     for name in MODELS:
         cmd = [sys.executable, __file__, *child_argv(args, name)]
-        peaks[name] = run_json_child(cmd, env=env)["peak_mem_mb"]
+        peaks[name] = run_fresh_child(cmd)["peak_mem_mb"]
     return peaks
 
 
@@ -281,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_of:
         print(json.dumps({"peak_mem_mb": measure_memory_here(args)}))
         return
+    load_at_start = load_average()
     results = measure_throughput(args)
     for name, peak in measure_memory(args).items():
         results[name]["peak_mem_mb"] = peak
@@ -289,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_train": results["ours"]["train_img_s"] / results["torchvision"]["train_img_s"],
         "ratio_infer": results["ours"]["infer_img_s"] / results["torchvision"]["infer_img_s"],
         "loader_rpn_sample_ms_per_image": loader_sample_ms(args),
+        "load_average": {"start": load_at_start, "end": load_average()},
         "settings": {
             **{
                 k: (str(v) if isinstance(v, Path) else v)

@@ -9,12 +9,14 @@ Each measurement runs in a fresh process with its own local Ray (``num_cpus`` = 
   ``--repeats`` alternates the two settings and keeps the best run of each. A control measures
   what two processes of pure CPU work get over one on this machine at the time (2.0 when two
   cores are free).
-- memory: preprocess N and then 10N images (``rows_per_shard`` fixed) and sample the resident
-  memory of the driver and of every process under it (raylet, Ray workers) every 50 ms; peak.
-  The driver's peak is what would grow if rows were collected instead of streamed.
+- memory: preprocess N and then 10N images (``rows_per_shard`` fixed), each in a fresh process
+  (``MALLOC_MMAP_THRESHOLD_=65536``, as ``bench/model_step.py``): the driver's peak RSS
+  (``VmHWM``), and the peak of the resident memory of the driver and every process under it
+  (raylet, Ray workers), sampled every 50 ms. The driver's peak is what would grow if rows were
+  collected instead of streamed.
 
 Also the time to build one image's RPN targets (plain + flipped) at canvas 1024, 1 thread.
-Prints JSON.
+Prints JSON, with the load averages.
 
     .venv/bin/python bench/preprocess.py --images 64 --canvas 512 --memory
 """
@@ -24,8 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -33,15 +35,29 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import ray
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_shapes_args, run_json_child  # noqa: E402
+from common import (  # noqa: E402
+    add_shapes_args,
+    load_average,
+    peak_rss_mb,
+    run_fresh_child,
+    run_json_child,
+)
 
+from maskrcnn.anchors import anchor_grid  # noqa: E402
 from maskrcnn.config import ModelConfig  # noqa: E402
+from maskrcnn.rpn_targets import build_rpn_targets  # noqa: E402
+from pipeline.coco.reader import instance_boxes, read_coco  # noqa: E402
 from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
+from pipeline.io.images import canvas_scale, resized_size  # noqa: E402
+from pipeline.shards.preprocess import preprocess_split  # noqa: E402
 
 
 def make_dataset(root: Path, args: argparse.Namespace, images: int) -> dict[str, Path]:
@@ -92,7 +108,7 @@ def tree_cpu_seconds() -> tuple[float, float]:
     return mine.user + mine.system, total
 
 
-def timed_pass(preprocess_split, source: dict, out_dir: Path, run: dict, args) -> dict:
+def timed_pass(source: dict, out_dir: Path, run: dict, args) -> dict:
     """images/s of one preprocess pass, with the CPU it used in the driver and in all of Ray."""
     cpu, start = tree_cpu_seconds(), time.perf_counter()
     preprocess_split(**source, out_dir=out_dir, **run)
@@ -119,8 +135,6 @@ def _spin(units: int) -> float:
 
 def control_speedup() -> float:
     """What 2 processes get over 1 on this machine for pure CPU work (2.0 on 2 free cores)."""
-    import multiprocessing
-
     one = _spin(5_000_000)
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         pool.map(_spin, [1, 1])  # the workers import this module first
@@ -133,15 +147,11 @@ def run_child(args: argparse.Namespace, *extra: str) -> dict:
     sizes = {"--canvas": args.canvas, "--min-side": args.min_side, "--max-side": args.max_side}
     flags = [str(v) for pair in sizes.items() for v in pair]
     command = [sys.executable, __file__, *flags, *extra]
-    return run_json_child(command)
+    return run_fresh_child(command) if "memory" in extra else run_json_child(command)
 
 
 def child(args: argparse.Namespace) -> dict:
     """One measurement in this process: throughput (--workers) or memory (--images)."""
-    import ray
-
-    from pipeline.shards.preprocess import preprocess_split
-
     config = ModelConfig(num_classes=6, canvas=args.canvas)
     with tempfile.TemporaryDirectory() as tmp:
         source = make_dataset(Path(tmp) / "data", args, args.images)
@@ -153,31 +163,18 @@ def child(args: argparse.Namespace) -> dict:
             if args.child == "throughput":
                 preprocess_split(**source, out_dir=Path(tmp) / "warm", **run)
                 return min(
-                    (
-                        timed_pass(preprocess_split, source, Path(tmp) / f"pass{i}", run, args)
-                        for i in range(2)
-                    ),
+                    (timed_pass(source, Path(tmp) / f"pass{i}", run, args) for i in range(2)),
                     key=lambda r: -r["images_per_s"],
                 )
             with PeakMemory() as memory:
                 preprocess_split(**source, out_dir=Path(tmp) / "train", **run)
-            driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            return {"driver_peak_mb": driver, "tree_peak_mb": memory.peak / 2**20}
+            return {"driver_peak_mb": peak_rss_mb(), "tree_peak_mb": memory.peak / 2**20}
         finally:
             ray.shutdown()
 
 
 def rpn_target_ms(args: argparse.Namespace) -> dict:
     """Per-image time of the two RPN target builds preprocess does, at canvas 1024."""
-    import numpy as np
-    import torch
-
-    from maskrcnn.anchors import anchor_grid
-    from maskrcnn.rpn_targets import build_rpn_targets
-    from pipeline.coco.reader import instance_boxes, read_coco
-    from pipeline.io.images import resized_size
-    from pipeline.shards.preprocess import canvas_scale
-
     torch.set_num_threads(1)
     config = ModelConfig(num_classes=6, canvas=1024)
     grid = anchor_grid(1024, config.anchors)
@@ -211,6 +208,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    load_at_start = load_average()
     common = ("--images", str(args.images), "--rows-per-shard", str(args.rows_per_shard))
     runs: dict[int, dict] = {}
     controls = []
@@ -249,9 +247,11 @@ def main() -> None:
         result["peak_ratio_10x"] = {
             k: round(large[k] / small[k], 3) for k in ("driver_peak_mb", "tree_peak_mb")
         }
+        result["memory"] = "driver: VmHWM of a fresh process (MALLOC_MMAP_THRESHOLD_=65536)"
     result["rpn_targets_ms_per_image_canvas_1024"] = {
         k: round(v, 2) for k, v in rpn_target_ms(args).items()
     }
+    result["load_average"] = {"start": load_at_start, "end": load_average()}
     print(json.dumps(result, indent=2))
 
 

@@ -2,7 +2,9 @@
 
 Baseline: the same targets from the full [N, A] IoU matrix (what torchvision's Matcher does every
 training step). Boxes follow COCO-like statistics: instance counts with a long tail, sides
-log-uniform between 8 and 800 canvas pixels, 1% crowd. Prints JSON.
+log-uniform between 8 and 800 canvas pixels, 1% crowd. After a warm-up of both on a few
+images, each image is built by the two in turn (who goes first alternates), so both see the same
+load of a shared machine. Prints JSON: mean, p95 and max per image, and the load average.
 
     .venv/bin/python bench/rpn_targets.py --canvas 1024 --images 200
 """
@@ -15,6 +17,7 @@ import statistics
 import time
 
 import torch
+from common import load_average
 
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import AnchorConfig, RPNConfig
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=5, help="images built by both, untimed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -49,24 +53,45 @@ def main() -> None:
     config = RPNConfig()
     g = torch.Generator().manual_seed(args.seed)
     cases = [coco_like_boxes(args.canvas, g) for _ in range(args.images)]
-    build_rpn_targets(grid, *cases[0], config)  # warm-up
-    sparse = [time_ms(lambda c=c: build_rpn_targets(grid, *c, config)) for c in cases]
-    dense = [time_ms(lambda c=c: build_rpn_targets(grid, *c, config, dense=True)) for c in cases]
+    load_at_start = load_average()
+    sparse, dense = interleaved(grid, config, cases, warmup=args.warmup)
     result = {
         "canvas": args.canvas,
         "anchors": grid.num_anchors,
         "images": args.images,
         "threads": args.threads,
         "mean_instances": statistics.mean(len(c[0]) for c in cases),
-        "ours_sparse_ms": {"mean": statistics.mean(sparse), "p95": _p95(sparse)},
-        "baseline_dense_ms": {"mean": statistics.mean(dense), "p95": _p95(dense)},
+        "warmup": args.warmup,
+        "ours_sparse_ms": summary(sparse),
+        "baseline_dense_ms": summary(dense),
         "speedup_mean": statistics.mean(dense) / statistics.mean(sparse),
+        "load_average": {"start": load_at_start, "end": load_average()},
     }
     print(json.dumps(result, indent=2))
 
 
-def _p95(values: list[float]) -> float:
-    return sorted(values)[int(0.95 * (len(values) - 1))]
+def interleaved(grid, config: RPNConfig, cases: list, *, warmup: int) -> tuple[list, list]:
+    """Per-image ms of the sparse and the dense build, image by image in turn."""
+
+    def sparse(c):
+        return build_rpn_targets(grid, *c, config)
+
+    def dense(c):
+        return build_rpn_targets(grid, *c, config, dense=True)
+
+    for case in cases[:warmup]:
+        sparse(case), dense(case)
+    times: dict = {sparse: [], dense: []}
+    for i, case in enumerate(cases):
+        order = (sparse, dense) if i % 2 else (dense, sparse)  # no first-mover bias
+        for build in order:
+            times[build].append(time_ms(lambda b=build, c=case: b(c)))
+    return times[sparse], times[dense]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    p95 = sorted(values)[int(0.95 * (len(values) - 1))]
+    return {"mean": statistics.mean(values), "p95": p95, "max": max(values)}
 
 
 if __name__ == "__main__":

@@ -1,21 +1,22 @@
 """Training throughput of the full path: Ray Train (1 and 2 workers) vs a torchvision-style loop.
 
 - Ray Train: ``pipeline.training.trainer.train`` exactly as the train stage runs it (Ray Data
-  over the
-  Parquet shards, the loader's collate, DDP over gloo, MLflow logging to a SQLite store, a
-  checkpoint at the end), one CPU per worker, with 1 and with 2 workers.
+  over the Parquet shards, the loader's collate, DDP over gloo, MLflow logging to a SQLite
+  store, a checkpoint at the end), one CPU per worker, with 1 and with 2 workers.
 - torchvision-style: a plain PyTorch ``DataLoader`` (one worker process) over the COCO files,
   transforming every sample on every step (decode, polygons/RLE -> masks, flip, resize to the
   canvas, target dicts: ``bench/loader.py``'s torchvision-style sample), into torchvision's
-  ``MaskRCNN`` with the same backbone, canvas, batch and heads (``bench/model_step.py``'s twin),
-  SGD, one torch thread.
+  ``MaskRCNN`` with the same backbone, anchors, canvas, batch, heads and RPN/RoI settings
+  (``bench/model_step.py``'s twin), SGD, one torch thread.
 
-The model is params.yaml's ``model:`` section (the demo model), the batch per worker
-``train.batch_per_worker``. Each run trains ``2 * window`` steps and is timed over the second
-window (the first one warms up: process start, first batches, allocator). Prints JSON with
-images/s and the ratios.
+The model is params.yaml's ``model:`` section, the batch per worker ``train.batch_per_worker``,
+SGD for both. The three setups run in ``--rounds`` rounds, in turn (the order reverses every
+round), so that they share the load of a shared machine; each run trains ``--warmup`` steps
+(process and worker start, first batches, allocator), then ``--window`` timed steps. Prints
+JSON: images/s per run and over all rounds (timed images / timed seconds), the ratios, and the
+load average at the start and end of every run.
 
-    .venv/bin/python bench/train.py --images 48 --window 6
+    .venv/bin/python bench/train.py --images 48 --warmup 10 --window 40 --rounds 2
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import load_average  # noqa: E402
 from loader import resize_to_canvas, torchvision_style_sample  # noqa: E402
 from model_step import synthetic_batch, torchvision_twin  # noqa: E402
 
@@ -58,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-side", type=int, default=320)
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="model: section")
     p.add_argument("--batch", type=int, default=0, help="per worker (0: train.batch_per_worker)")
-    p.add_argument("--window", type=int, default=6, help="timed steps (after as many warm-up)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of a run")
+    p.add_argument("--window", type=int, default=40, help="timed steps per run (k * warmup)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each setup, in turn")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument(
@@ -127,20 +131,19 @@ def torchvision_loop(args: argparse.Namespace, config: ModelConfig, data: Path) 
         persistent_workers=True,
         multiprocessing_context="spawn",  # no fork of a process that runs Ray's threads
     )
-    step, start = 0, 0.0
-    while step < 2 * args.window:
+    step, start, total = 0, 0.0, args.warmup + args.window
+    while step < total:
         for images, targets in loader:
             losses = model(images, targets)
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
             step += 1
-            if step == args.window:
+            if step == args.warmup:
                 start = time.perf_counter()
-            if step == 2 * args.window:
+            if step == total:
                 break
-    elapsed = time.perf_counter() - start
-    return {"images_per_s": round(args.window * args.batch / elapsed, 3)}
+    return {"timed_images": args.window * args.batch, "timed_s": time.perf_counter() - start}
 
 
 def amp_probe(config: ModelConfig, batch: int, steps: int = 3) -> dict:
@@ -167,85 +170,125 @@ def amp_probe(config: ModelConfig, batch: int, steps: int = 3) -> dict:
     return result
 
 
-def ray_train(args: argparse.Namespace, config: ModelConfig, root: Path, workers: int) -> dict:
+def ray_train(
+    args: argparse.Namespace, config: ModelConfig, root: Path, workers: int, tag: str
+) -> dict:
+    """One Ray Train run of ``warmup + window`` steps; logged every ``warmup`` steps, so the
+    history's windows after the first are the timed ones."""
     settings = TrainSettings(
         num_workers=workers,
         cpus_per_worker=1,
         batch_per_worker=args.batch,
-        steps=2 * args.window,
+        steps=args.warmup + args.window,
         base_lr=args.lr,
         lr_reference_batch=args.batch * workers,
         warmup_steps=0,
-        checkpoint_every=2 * args.window,
-        log_every=args.window,
+        checkpoint_every=args.warmup + args.window,
+        log_every=args.warmup,
         storage_path=str(root / "ray_results"),
-        run_name=f"bench-{workers}",
+        run_name=f"bench-{tag}",
     )
     result = train(
         settings=settings,
         model_config=config,
         shards_dir=root / "shards",
         tracking=TrackingSettings(experiment="bench"),
-        out_dir=root / f"out-{workers}",
+        out_dir=root / f"out-{tag}",
         project_root=root,
     )
-    timed = result.history[-1]  # the second window
+    timed = result.history[1:]
+    images = args.batch * workers * args.warmup  # per logged window
+    seconds = [images / row["images_per_s"] for row in timed]
     return {
-        "images_per_s": round(timed["images_per_s"], 3),
-        "data_wait_fraction": round(timed["data_wait"], 3),
+        "timed_images": images * len(timed),
+        "timed_s": sum(seconds),
+        "data_wait_fraction": sum(r["data_wait"] * t for r, t in zip(timed, seconds, strict=True))
+        / sum(seconds),
         "wall_s": round(result.metrics["wall_s"], 1),
     }
 
 
+SETUPS = ("ray_train_1_worker", "ray_train_2_workers", "torchvision_loop")
+
+
+def run_setup(name: str, args: argparse.Namespace, config: ModelConfig, root: Path, r: int):
+    """One run of one setup, with its images/s and the load average around it."""
+    load_at_start = load_average()
+    if name == "torchvision_loop":
+        run = torchvision_loop(args, config, root / "shapes")
+    else:
+        workers = 1 if name == "ray_train_1_worker" else 2
+        run = ray_train(args, config, root, workers, tag=f"{workers}-round{r}")
+    run["images_per_s"] = round(run["timed_images"] / run["timed_s"], 3)
+    return {**run, "round": r, "load_average": {"start": load_at_start, "end": load_average()}}
+
+
+def in_rounds(args: argparse.Namespace, config: ModelConfig, root: Path) -> dict[str, list]:
+    """Every setup once per round, the order reversed every other round (no first-mover bias)."""
+    runs: dict[str, list] = {name: [] for name in SETUPS}
+    for r in range(args.rounds):
+        for name in SETUPS if r % 2 == 0 else SETUPS[::-1]:
+            runs[name].append(run_setup(name, args, config, root, r))
+    return runs
+
+
+def overall(runs: list[dict]) -> float:
+    """images/s over every timed step of every round."""
+    return sum(r["timed_images"] for r in runs) / sum(r["timed_s"] for r in runs)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    load_at_start = os.getloadavg()[0]
+    if args.window % args.warmup:
+        raise SystemExit("error: --window must be a multiple of --warmup (the logging period)")
     params = load_params(args.params)
     args.batch = args.batch or int(params.section("train").get("batch_per_worker", 2))
     if args.amp_probe:
         probe = amp_probe(model_config(params, num_classes=4), args.batch)
         print(json.dumps({"batch": args.batch, "threads": 1, **probe}, indent=2))
         return
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = root / "shapes"
-        write_shapes_dataset(
-            data,
-            n_train=args.images,
-            n_val=1,
-            seed=0,
-            min_side=args.min_side,
-            max_side=args.max_side,
-        )
-        ensure_ray(None)
-        probe = model_config(params, num_classes=2)
-        preprocess_split(
-            annotation_file=data / "annotations" / "instances_train.json",
-            images_dir=data / "images" / "train",
-            out_dir=root / "shards" / "train",
-            model_config=probe,
-            progress=False,
-        )
-        classes = len(read_manifest(root / "shards" / "train")["categories"]) + 1
-        config = model_config(params, num_classes=classes)
-        baseline = torchvision_loop(args, config, data)
-        one = ray_train(args, config, root, workers=1)
-        two = ray_train(args, config, root, workers=2)
+        config = prepare_data(args, params, root)
+        runs = in_rounds(args, config, root)
+    speed = {name: overall(rs) for name, rs in runs.items()}
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": model_summary(config),
         "cpus": os.cpu_count(),
-        "load_average_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
-        "torchvision_loop": baseline,
-        "ray_train_1_worker": one,
-        "ray_train_2_workers": two,
-        "ratio_1_worker_vs_torchvision": round(one["images_per_s"] / baseline["images_per_s"], 3),
-        "ratio_2_workers_vs_1": round(two["images_per_s"] / one["images_per_s"], 3),
+        "load_average": {"start": load_at_start, "end": load_average()},
+        "images_per_s": {name: round(v, 3) for name, v in speed.items()},
+        "ratio_1_worker_vs_torchvision": round(
+            speed["ray_train_1_worker"] / speed["torchvision_loop"], 3
+        ),
+        "ratio_2_workers_vs_1": round(
+            speed["ray_train_2_workers"] / speed["ray_train_1_worker"], 3
+        ),
+        "runs": runs,
     }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+
+
+def prepare_data(args: argparse.Namespace, params, root: Path) -> ModelConfig:
+    """The shapes dataset and its shards; the model config with the dataset's class count."""
+    data = root / "shapes"
+    write_shapes_dataset(
+        data, n_train=args.images, n_val=1, seed=0, min_side=args.min_side, max_side=args.max_side
+    )
+    ensure_ray(None)
+    preprocess_split(
+        annotation_file=data / "annotations" / "instances_train.json",
+        images_dir=data / "images" / "train",
+        out_dir=root / "shards" / "train",
+        model_config=model_config(params, num_classes=2),
+        progress=False,
+    )
+    classes = len(read_manifest(root / "shards" / "train")["categories"]) + 1
+    return model_config(params, num_classes=classes)
 
 
 if __name__ == "__main__":
