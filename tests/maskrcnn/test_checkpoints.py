@@ -15,6 +15,7 @@ from maskrcnn import (
     load_torchvision_maskrcnn,
     save_model,
 )
+from maskrcnn.checkpoints import read_model_info
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,22 @@ def test_save_and_load_round_trip(small_config, toy_batch, tmp_path):
     torch.save({"format": "something-else", "state_dict": {}}, other)
     with pytest.raises(ValueError, match=r"other\.pt: not a maskrcnn-pipeline/1 model file"):
         load_model(other)
+
+
+def test_the_model_file_carries_its_categories(small_config, tmp_path):
+    config = small_config(num_classes=3)
+    model = MaskRCNN(config)
+    categories = [{"id": 4, "name": "circle", "label": 1}, {"id": 9, "name": "square", "label": 2}]
+    path = tmp_path / "model.pt"
+    save_model(model, path, categories=categories)
+    assert read_model_info(path) == (config, categories)
+    assert load_model(path).config == config  # the extra entry does not disturb loading
+    save_model(model, path)
+    assert read_model_info(path) == (config, None)
+    with pytest.raises(ValueError, match=r"model\.pt: category 1 has label 3, outside 1\.\.2"):
+        save_model(model, path, categories=[categories[0], {**categories[1], "label": 3}])
+    with pytest.raises(ValueError, match=r"model\.pt: category 0 .* needs an int id"):
+        save_model(model, path, categories=[{"id": 4, "label": 1}])
+    with pytest.raises(ValueError, match=r"other\.pt: not a maskrcnn-pipeline/1 model file"):
+        torch.save({"format": "something-else"}, tmp_path / "other.pt")
+        read_model_info(tmp_path / "other.pt")

@@ -15,8 +15,8 @@ from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.coco.masks import decode_rle
 from pipeline.inference.detector import Detector, letterbox
-from pipeline.io.images import resized_size
-from pipeline.shards.preprocess import canvas_scale as preprocess_scale
+from pipeline.io.images import canvas_scale, resized_size
+from pipeline.shards import preprocess
 from stages.predict import main
 
 CATEGORIES = [{"id": 4, "name": "circle", "label": 1}, {"id": 9, "name": "square", "label": 2}]
@@ -70,9 +70,11 @@ def _image(height: int, width: int) -> np.ndarray:
 
 
 def test_letterbox_matches_preprocess():
+    assert preprocess.canvas_scale is canvas_scale  # one rule for both
     for height, width in ((100, 150), (150, 100), (37, 64), (640, 480)):
         resized, scale = letterbox(_image(height, width), 64)
-        assert scale == preprocess_scale(height, width, 64)
+        as_stored = float(np.float32(64 / max(height, width)))  # the shards' float32
+        assert scale == canvas_scale(height, width, 64) == as_stored
         assert resized.shape[:2] == resized_size(height, width, scale)
         assert max(resized.shape[:2]) == 64
 
@@ -132,6 +134,23 @@ def test_cli_writes_detections_and_overlays(model_file, tmp_path):
         assert set(record["category_names"]) <= {"class 1", "class 2"}  # file has no names
         with Image.open(record["overlay"]) as overlay:
             assert overlay.size == (width, height)
+
+
+def test_a_model_file_with_categories_names_its_classes(tmp_path):
+    path = tmp_path / "named.pt"
+    save_model(MaskRCNN(tiny_config(score_thresh=0.0)), path, categories=CATEGORIES)
+    detector = Detector.from_file(path)
+    assert detector.names == {1: "circle", 2: "square"}
+    assert detector.category_ids == {1: 4, 2: 9}
+    given = [{"id": 7, "name": "disc", "label": 1}]
+    assert Detector.from_file(path, categories=given).names == {1: "disc", 2: "class 2"}
+    image = tmp_path / "image.png"
+    Image.fromarray(_image(50, 60)).save(image)
+    out = tmp_path / "out"
+    main(["--model", str(path), "--out", str(out), "--score-threshold", "0", str(image)])
+    (record,) = json.loads((out / "detections.json").read_text())
+    assert record["category_names"] and set(record["category_names"]) <= {"circle", "square"}
+    assert set(record["category_ids"]) <= {4, 9}
 
 
 def test_cli_errors_name_the_problem(model_file, tmp_path, capsys):

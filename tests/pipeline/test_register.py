@@ -7,16 +7,19 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.inference.detector import predict_files
-from pipeline.registry.pyfunc import load_detector
+from pipeline.registry.pyfunc import load_detector, use_tracking_uri
 from pipeline.registry.register import decide, example_image, register
 
 NAME = "shapes-maskrcnn"
@@ -168,3 +171,23 @@ def test_predict_command_reads_a_registered_model(store, tmp_path):
     assert all(m["size"] == [48, 64] for m in record["masks"])
     with pytest.raises(ValueError, match="no-such-model"):
         load_detector("models:/no-such-model@champion", tracking_uri=store["uri"])
+
+
+def test_register_takes_the_categories_from_the_model_file(store):
+    """Without ``categories``, the pyfunc's categories artifact is what the model file stores."""
+    named = store["root"] / "named.pt"
+    stored = [{"id": 11, "name": "disc", "label": 1}, {"id": 12, "name": "tile", "label": 2}]
+    save_model(MaskRCNN(tiny_config()), named, categories=stored)
+    run = store["client"].create_run(store["experiment_id"])
+    decision = register(
+        model_path=named,
+        eval_metrics={"segm_AP": 0.5, "bbox_AP": 0.5},
+        run_info={"run_id": run.info.run_id, "tracking_uri": store["uri"]},
+        model_name=f"{NAME}-named",
+        min_segm_ap=0.0,
+        out_path=store["root"] / "named-decision.json",
+    )
+    with use_tracking_uri(store["uri"]):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=decision["model_uri"]))
+    artifacts = Model.load(local / "MLmodel").flavors["python_function"]["artifacts"]
+    assert json.loads((local / artifacts["categories"]["path"]).read_text()) == stored
