@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from torch import nn
-from torchvision import models
+from torch import Tensor, nn
+from torchvision import models, ops
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .config import ModelConfig
@@ -22,6 +21,19 @@ from .config import ModelConfig
 RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 # Trainable layers counted from the top, as torchvision's ``trainable_backbone_layers``.
 _LAYERS_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+
+class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
+    """torchvision's frozen BatchNorm (same buffers and state-dict keys) that computes in its
+    input's dtype. torchvision's multiplies by float32 buffers, so under autocast every half
+    precision convolution output is promoted back to float32 and the whole trunk runs in float32
+    between convolutions. In float32 the arithmetic is torchvision's, operation for operation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        shape = (1, -1, 1, 1)
+        return x * scale.reshape(shape).to(x.dtype) + bias.reshape(shape).to(x.dtype)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

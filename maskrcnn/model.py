@@ -47,9 +47,10 @@ class MaskRCNN(nn.Module):
     ) -> dict[str, Tensor] | Detections:
         """``images [B, 3, S, S]``; ``targets`` (training only) as in docs/design.md."""
         validate_images(images, self.config)
-        if self.training:
-            validate_targets(targets, images.shape[0], self.config)
+        check = validate_targets(targets, images.shape[0], self.config) if self.training else None
         features = list(self.backbone(self.normalize(images)).values())  # P2..P6
         proposals, rpn_losses = self.rpn(features, targets)
+        if check is not None:
+            check.raise_if_bad()  # an accelerator's check, read once the RPN has synced
         detections, roi_losses = self.roi_heads(features[:4], proposals, targets)
         return {**rpn_losses, **roi_losses} if self.training else detections

@@ -21,13 +21,13 @@ _LEVEL_EPS = 1e-6
 
 
 def rois_with_image_index(boxes: list[Tensor]) -> Tensor:
-    """Per-image boxes -> ``[R, 5]`` rows (image index, x1, y1, x2, y2), as ``roi_align`` takes."""
+    """Per-image boxes -> ``[R, 5]`` rows (image index, x1, y1, x2, y2), as ``roi_align`` takes.
+
+    The index is filled per image from the host-known lengths: ``repeat_interleave`` with
+    counts on the device would read its output size back (a host sync)."""
     concat = torch.cat(boxes)
-    index = torch.repeat_interleave(
-        torch.arange(len(boxes), device=concat.device, dtype=concat.dtype),
-        torch.tensor([len(b) for b in boxes], device=concat.device),
-    )
-    return torch.cat([index[:, None], concat], dim=1)
+    index = torch.cat([b.new_full((len(b), 1), i) for i, b in enumerate(boxes)]).to(concat.dtype)
+    return torch.cat([index, concat], dim=1)
 
 
 class MultiLevelRoIAlign(nn.Module):
@@ -61,15 +61,21 @@ class MultiLevelRoIAlign(nn.Module):
         return level.to(torch.int64) - self.min_level
 
     def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
-        """``features`` P2..P5 ``[B, C, H, W]``; ``boxes`` per image -> ``[R, C, out, out]``."""
+        """``features`` P2..P5 ``[B, C, H, W]``; ``boxes`` per image -> ``[R, C, out, out]``.
+
+        The RoIs are sorted by level once and the level sizes read back in one host sync
+        (a ``torch.where`` per level would take one each)."""
         rois = rois_with_image_index(boxes)
         levels = self.levels(rois[:, 1:])
-        first = features[0]
-        pooled = first.new_zeros((len(rois), first.shape[1], *self.output_size))
-        for level, (feature, stride) in enumerate(zip(features, POOLED_STRIDES, strict=True)):
-            index = torch.where(levels == level)[0]
-            out = roi_align_fast_grad(
+        order = torch.argsort(levels, stable=True)
+        counts = torch.bincount(levels, minlength=len(POOLED_STRIDES)).tolist()
+        pooled = [
+            roi_align_fast_grad(
                 feature, rois[index], self.output_size, 1.0 / stride, self.sampling_ratio
             )
-            pooled[index] = out.to(pooled.dtype)
-        return pooled
+            for feature, stride, index in zip(
+                features, POOLED_STRIDES, order.split(counts), strict=True
+            )
+        ]
+        by_level = torch.cat([p.to(features[0].dtype) for p in pooled])
+        return torch.empty_like(by_level).index_copy(0, order, by_level)

@@ -1,18 +1,93 @@
-"""Map one image's detections from canvas coordinates back to the original image.
+"""Mask pasting: box-sized mask probabilities onto the canvas, and the canvas back to the image.
 
-The image was resized by ``scale`` and placed at the canvas's top-left, so boxes divide by
+``paste_masks`` is torchvision's ``paste_masks_in_image`` for all of an image's detections at
+once. ``to_original`` maps one image's detections from canvas coordinates back to the original
+image: the image was resized by ``scale`` and placed at the canvas's top-left, so boxes divide by
 ``scale`` and each mask's probability map is cropped to the resized image
 (``round(h * scale) x round(w * scale)``), resized bilinearly to ``H x W`` and thresholded.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection.roi_heads import expand_boxes
 
-# Masks are resized this many at a time, to bound the float memory at the original size.
+# Masks are resized this many at a time, to bound the float memory at the output size.
 _MASK_CHUNK = 16
+_PASTE_CHUNK = 32
+
+
+class _Taps(NamedTuple):
+    """Per detection and output row (or column): the two source cells and their weights."""
+
+    low: Tensor  # int64 [n, size]
+    high: Tensor
+    w_low: Tensor  # float32 [n, size], 0 outside the box
+    w_high: Tensor
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, size: tuple[int, int], padding: int = 1) -> Tensor:
+    """``masks [N, 1, M, M]`` (probabilities over each box) pasted at ``boxes [N, 4]`` on an
+    ``H x W`` image -> ``[N, 1, H, W]`` float32, as torchvision's ``paste_masks_in_image``.
+
+    torchvision resizes and slices one detection at a time, reading each box's corners back to
+    the host (several host syncs per detection, up to 100 per image). Here the box corners stay
+    on the device: every detection's bilinear weights come from its integer box at once, and the
+    resize is two gathers (along columns, then rows: torchvision's ``interpolate`` order, so the
+    results agree to float rounding), zero outside each box.
+    """
+    height, width = size
+    if len(masks) == 0:
+        return masks.new_zeros((0, 1, height, width), dtype=torch.float32)
+    with torch.autocast(masks.device.type, enabled=False):
+        padded = F.pad(masks[:, 0].float(), (padding,) * 4)  # [N, P, P]
+        cells = padded.shape[-1]
+        corners = expand_boxes(boxes.float(), cells / masks.shape[-1]).to(torch.int64)
+        out = padded.new_empty((len(masks), 1, height, width))
+        for start in range(0, len(masks), _PASTE_CHUNK):
+            part = slice(start, start + _PASTE_CHUNK)
+            cols = _taps(corners[part, 0], corners[part, 2], width, cells)
+            rows = _taps(corners[part, 1], corners[part, 3], height, cells)
+            src = padded[part]  # [n, P, P]
+            wide = (
+                _gather(src, cols.low, 2) * cols.w_low[:, None]
+                + _gather(src, cols.high, 2) * cols.w_high[:, None]
+            )  # [n, P, W]
+            out[part, 0] = (
+                _gather(wide, rows.low, 1) * rows.w_low[..., None]
+                + _gather(wide, rows.high, 1) * rows.w_high[..., None]
+            )
+    return out
+
+
+def _taps(first: Tensor, last: Tensor, size: int, cells: int) -> _Taps:
+    """Bilinear taps (``align_corners=False``) of output pixels ``0..size-1`` for boxes spanning
+    pixels ``first..last`` (inclusive) resized from ``cells`` source cells, as ATen computes
+    them: source ``(i + 0.5) * cells / length - 0.5`` clamped at 0, in float32."""
+    pixel = torch.arange(size, device=first.device)
+    length = (last - first + 1).clamp(min=1)
+    ratio = cells / length.to(torch.float32)
+    source = (ratio[:, None] * ((pixel - first[:, None]).to(torch.float32) + 0.5) - 0.5).clamp(
+        min=0
+    )
+    low = source.to(torch.int64).clamp(max=cells - 1)
+    w_high = (source - low.to(torch.float32)).clamp(0, 1)
+    high = low + (low < cells - 1).to(torch.int64)
+    inside = (pixel >= first[:, None]) & (pixel <= last[:, None])
+    zero = w_high.new_zeros(())
+    w_low = torch.where(inside, 1 - w_high, zero)
+    return _Taps(low, high, w_low, torch.where(inside, w_high, zero))
+
+
+def _gather(src: Tensor, index: Tensor, dim: int) -> Tensor:
+    """``src [n, A, B]`` indexed along ``dim`` (1 or 2) by ``index [n, size]``."""
+    if dim == 2:
+        return src.gather(2, index[:, None, :].expand(-1, src.shape[1], -1))
+    return src.gather(1, index[:, :, None].expand(-1, -1, src.shape[2]))
 
 
 def to_original(

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes, roi_align
 
 from .box_ops import decode_boxes
 from .config import ModelConfig, RoIConfig
 from .pooling import MultiLevelRoIAlign
+from .postprocess import paste_masks
 from .roi_sampling import RoISample, sample_proposals
 
 Instances = tuple[list[Tensor], list[Tensor], list[Tensor]]
@@ -27,7 +27,8 @@ def non_crowd_instances(targets: list[dict[str, Tensor]]) -> Instances:
     """Boxes, labels and masks of each image, without crowd instances when ``iscrowd`` is given."""
     boxes, labels, masks = [], [], []
     for t in targets:
-        keep = ~t["iscrowd"].bool() if "iscrowd" in t else slice(None)
+        # One index for the three tensors: a boolean mask would sync with the host three times.
+        keep = torch.where(~t["iscrowd"].bool())[0] if "iscrowd" in t else slice(None)
         boxes.append(t["boxes"][keep])
         labels.append(t["labels"][keep])
         masks.append(t["masks"][keep])
@@ -51,20 +52,24 @@ def box_losses(
 def mask_targets(
     gt_masks: list[Tensor], positives: list[Tensor], matched: list[Tensor], size: int
 ) -> Tensor:
-    """Each positive's gt mask cropped to its box and resized to ``size`` (image by image)."""
+    """Each positive's gt mask cropped to its box and resized to ``size`` (image by image), in
+    float32 also under autocast: the targets are soft at the edges, half precision rounds them."""
     crops = []
-    for masks, boxes, index in zip(gt_masks, positives, matched, strict=True):
-        rois = torch.cat([index[:, None].to(boxes.dtype), boxes], dim=1)
-        crops.append(roi_align(masks[:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0])
+    with torch.autocast(gt_masks[0].device.type, enabled=False):
+        for masks, boxes, index in zip(gt_masks, positives, matched, strict=True):
+            boxes = boxes.float()
+            rois = torch.cat([index[:, None].to(boxes.dtype), boxes], dim=1)
+            crops.append(roi_align(masks[:, None].float(), rois, (size, size), 1.0)[:, 0])
     return torch.cat(crops)
 
 
 def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
-    """Per-pixel BCE of the gt class's mask; zero (with a graph) when there are no positives."""
+    """Per-pixel BCE of the gt class's mask, in float32; zero (with a graph) when there are no
+    positives."""
     if targets.numel() == 0:
         return mask_logits.sum() * 0
-    picked = mask_logits[torch.arange(len(labels), device=labels.device), labels]
-    return F.binary_cross_entropy_with_logits(picked, targets.to(picked.dtype))
+    picked = mask_logits[torch.arange(len(labels), device=labels.device), labels].float()
+    return F.binary_cross_entropy_with_logits(picked, targets.float())
 
 
 def select_detections(
@@ -172,5 +177,5 @@ class RoIHeads(nn.Module):
         labels = torch.cat([d["labels"] for d in detections])
         probs = probs[torch.arange(len(labels), device=labels.device), labels][:, None]
         for det, img_probs in zip(detections, probs.split([len(b) for b in boxes]), strict=True):
-            det["masks"] = paste_masks_in_image(img_probs, det["boxes"], (self.canvas, self.canvas))
+            det["masks"] = paste_masks(img_probs, det["boxes"], (self.canvas, self.canvas))
         return detections

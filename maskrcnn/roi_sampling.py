@@ -79,14 +79,16 @@ def sample_proposals(
         matched_boxes.append(boxes[best_gt[pos]].to(props.dtype))
         positives.append(props[pos])
 
-    sizes = [len(k) for k in kept]
-    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
-    rows = [torch.arange(n) + start for n, start in zip(num_positive, starts.tolist(), strict=True)]
+    # Built on the device from host-known sizes: a copy from pageable host memory would sync.
+    device, start, rows = kept[0].device, 0, []
+    for sample, n in zip(kept, num_positive, strict=True):
+        rows.append(torch.arange(start, start + n, device=device))
+        start += len(sample)
     return RoISample(
         proposals=kept,
         labels=torch.cat(labels),
         num_positive=num_positive,
-        positive_index=torch.cat(rows).to(kept[0].device),
+        positive_index=torch.cat(rows),
         matched_gt=matched,
         regression_targets=encode_boxes(
             torch.cat(matched_boxes), torch.cat(positives), config.bbox_reg_weights

@@ -116,7 +116,8 @@ class RPN(nn.Module):
         proposals = []
         for img_boxes, img_scores, img_levels in zip(boxes, scores, levels[top_idx], strict=True):
             keep = remove_small_boxes(img_boxes, cfg.min_size)
-            keep = keep[img_scores[keep] >= cfg.score_thresh]
+            if cfg.score_thresh > 0:  # sigmoid scores are never below 0: skip a host sync
+                keep = keep[img_scores[keep] >= cfg.score_thresh]
             keep = keep[
                 batched_nms(img_boxes[keep], img_scores[keep], img_levels[keep], cfg.nms_thresh)
             ]

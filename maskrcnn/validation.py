@@ -2,13 +2,15 @@
 inside a kernel or a NaN loss many steps later.
 
 Shape and dtype checks are plain Python. Value checks (finite boxes, positive box sizes, label
-and anchor-index ranges) are reduced on the tensors' device and read back in one transfer, so
-they cost one host sync per batch.
+and anchor-index ranges) are reduced on the tensors' device. On the CPU they are read at once;
+on an accelerator they are copied to pinned host memory without waiting, and the model reads
+them after the RPN, whose own syncs have let the copy land by then: no extra host sync per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,8 +38,11 @@ def validate_images(images: object, config: ModelConfig) -> None:
         raise ValueError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
 
 
-def validate_targets(targets: object, batch_size: int, config: ModelConfig) -> None:
-    """Training targets: one dict per image with boxes, labels, masks (+ optional RPN sample)."""
+def validate_targets(targets: object, batch_size: int, config: ModelConfig) -> ValueCheck:
+    """Training targets: one dict per image with boxes, labels, masks (+ optional RPN sample).
+
+    Structure errors raise here; the value check comes back to be read with ``raise_if_bad``
+    (on the CPU it has already been read)."""
     if not isinstance(targets, Sequence) or isinstance(targets, (str, bytes)):
         raise ValueError("training needs targets: a list with one dict per image")
     if len(targets) != batch_size:
@@ -47,7 +52,10 @@ def validate_targets(targets: object, batch_size: int, config: ModelConfig) -> N
         raise ValueError("either every target or none has the rpn_idx/rpn_labels/rpn_deltas sample")
     if all(has_rpn) and len({len(t["rpn_idx"]) for t in targets}) > 1:
         raise ValueError("rpn_idx must have the same length in every target of a batch")
-    _check_values(targets, config)
+    check = ValueCheck.start(targets, config)
+    if check.event is None:
+        check.raise_if_bad()
+    return check
 
 
 def _check_structure(target: object, i: int, config: ModelConfig) -> bool:
@@ -92,25 +100,47 @@ def _expect(i: int, name: str, value: object, shape: tuple[int | None, ...]) -> 
         raise ValueError(f"target {i}: {name} must have shape {want}, got {tuple(value.shape)}")
 
 
-def _check_values(targets: Sequence[dict[str, Tensor]], config: ModelConfig) -> None:
-    num_anchors = anchor_grid(config.canvas, config.anchors).num_anchors
-    problems = (
-        "boxes contain NaN or inf",
-        "a box has x2 <= x1 or y2 <= y1 (boxes must have positive width and height)",
-        f"labels must be in 1..{config.num_classes - 1}",
-        f"rpn_idx must be in 0..{num_anchors - 1}",
-    )
-    flags = []
-    for t in targets:
-        boxes, labels = t["boxes"], t["labels"]
-        finite = torch.isfinite(boxes).all()
-        degenerate = ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()
-        bad_label = ((labels < 1) | (labels >= config.num_classes)).any()
-        idx = t.get("rpn_idx", labels.new_zeros(0))
-        bad_idx = ((idx < 0) | (idx >= num_anchors)).any()
-        checks = (~finite, degenerate, bad_label, bad_idx)
-        flags.append(torch.stack([c.to(boxes.device) for c in checks]))
-    found = torch.stack(flags).cpu()
-    if found.any():
-        image, check = (int(v) for v in found.nonzero()[0])
-        raise ValueError(f"target {image}: {problems[check]}")
+@dataclass(frozen=True)
+class ValueCheck:
+    """``flags [B, 4]`` (bool, on the host): which value check each image fails; ``event``
+    marks the end of their copy from the device (None when computed on the CPU)."""
+
+    flags: Tensor
+    problems: tuple[str, ...]
+    event: torch.cuda.Event | None = None
+
+    @classmethod
+    def start(cls, targets: Sequence[dict[str, Tensor]], config: ModelConfig) -> ValueCheck:
+        num_anchors = anchor_grid(config.canvas, config.anchors).num_anchors
+        problems = (
+            "boxes contain NaN or inf",
+            "a box has x2 <= x1 or y2 <= y1 (boxes must have positive width and height)",
+            f"labels must be in 1..{config.num_classes - 1}",
+            f"rpn_idx must be in 0..{num_anchors - 1}",
+        )
+        flags = torch.stack([_image_flags(t, config.num_classes, num_anchors) for t in targets])
+        if flags.device.type != "cuda":
+            return cls(flags.cpu(), problems)
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, problems, event)
+
+    def raise_if_bad(self) -> None:
+        """A ValueError naming the first image and check that failed, if any."""
+        if self.event is not None:
+            self.event.synchronize()  # recorded before the model's own syncs: already done
+        if self.flags.any():
+            image, check = (int(v) for v in self.flags.nonzero()[0])
+            raise ValueError(f"target {image}: {self.problems[check]}")
+
+
+def _image_flags(target: dict[str, Tensor], num_classes: int, num_anchors: int) -> Tensor:
+    boxes, labels = target["boxes"], target["labels"]
+    finite = torch.isfinite(boxes).all()
+    degenerate = ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()
+    bad_label = ((labels < 1) | (labels >= num_classes)).any()
+    idx = target.get("rpn_idx", labels.new_zeros(0))
+    bad_idx = ((idx < 0) | (idx >= num_anchors)).any()
+    return torch.stack([c.to(boxes.device) for c in (~finite, degenerate, bad_label, bad_idx)])
