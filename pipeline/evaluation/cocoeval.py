@@ -2,6 +2,11 @@
 
 pycocotools prints progress on stdout; every call here captures that and sends it to the debug
 log, so the stage's own output stays a readable summary table.
+
+The ground truth is handed to pycocotools with its annotation ids renumbered 1..N in file order:
+COCOeval marks "no match" with 0 in its match arrays, so an annotation whose id is 0 (labelme and
+CVAT exports start at 0) could never count as found, and duplicate ids would collapse in its
+index. Image and category ids, the only ids in our outputs, are the user's, untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pipeline.coco.validate import Rejected, crowd_flag
 from pipeline.io import storage
 
 log = logging.getLogger(__name__)
@@ -76,11 +82,30 @@ def load_ground_truth(annotation_file: storage.Location) -> COCO:
 def ground_truth_from_bytes(raw: bytes) -> COCO:
     """A COCO annotation file's bytes as pycocotools' ground truth (for a caller that also
     needs the bytes, so that the file is read once)."""
+    dataset = json.loads(raw)
+    dataset["annotations"] = [
+        _scoring_annotation(ann, number)
+        for number, ann in enumerate(
+            (a for a in dataset.get("annotations", []) if isinstance(a, dict)), start=1
+        )
+    ]
     with _quiet_pycocotools():
         coco = COCO()
-        coco.dataset = json.loads(raw)
+        coco.dataset = dataset
         coco.createIndex()
     return coco
+
+
+def _scoring_annotation(ann: dict[str, Any], number: int) -> dict[str, Any]:
+    """An annotation as COCOeval needs it: id ``number`` (never 0, never repeated) and
+    ``iscrowd`` read as preprocess reads it (a string "0" is not a crowd, as pycocotools'
+    truth test would make it). An ``iscrowd`` that preprocess refuses marks an ignored region:
+    that annotation was left out of training, so a detection on it is neither right nor wrong."""
+    try:
+        iscrowd = crowd_flag(ann.get("iscrowd", 0))
+    except Rejected:
+        iscrowd = True
+    return {**ann, "id": number, "iscrowd": int(iscrowd)}
 
 
 def to_coco_results(

@@ -488,7 +488,9 @@ def test_missing_segmentation_is_skipped(tiny_coco, segmentation):
 
 
 @pytest.mark.parametrize(
-    "value, crowd", [("0", False), ("1", True), (0, False), (1, True), (False, False), (True, True)]
+    "value, crowd",
+    [("0", False), ("1", True), (0, False), (1, True), (False, False), (True, True)],
+    ids=repr,
 )
 def test_iscrowd_as_string_or_bool_is_read_as_its_value(tiny_coco, value, crowd):
     ds = tiny_coco()
