@@ -347,24 +347,29 @@ class _LinkCheck:
     directory, as a '..' part is refused. One ``lstat`` per image, one ``realpath`` per folder."""
 
     def __init__(self, images_dir: Path):
-        self.images_dir = images_dir
+        self.images_dir = str(images_dir)
         self.root = os.path.realpath(images_dir)  # the directory itself may be a link
-        self.real_dirs: dict[str, str] = {}
+        self.folders: dict[str, tuple[str, bool]] = {}  # folder -> (real path, inside root)
 
     def problem(self, file_name: str) -> str | None:
-        path = self.images_dir / file_name
-        folder = str(path.parent)
-        if folder not in self.real_dirs:
-            self.real_dirs[folder] = os.path.realpath(folder)
-        real = os.path.join(self.real_dirs[folder], path.name)
-        if os.path.islink(real):
+        folder, name = os.path.split(file_name)
+        if folder not in self.folders:
+            real_folder = os.path.realpath(os.path.join(self.images_dir, folder))
+            self.folders[folder] = (real_folder, self._inside(real_folder))
+        real_folder, inside = self.folders[folder]
+        real = os.path.join(real_folder, name)
+        if inside and os.path.islink(real):
             real = os.path.realpath(real)
-        if os.path.commonpath([self.root, real]) == self.root:
+            inside = self._inside(real)
+        if inside:
             return None
         return (
             f"file_name {file_name!r} leads through a symbolic link to {real}, outside the "
             "images directory"
         )
+
+    def _inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
 
 
 def _is_int(value: Any) -> bool:

@@ -195,3 +195,17 @@ def test_a_dataset_on_storage_uris_reads_like_the_local_one(tiny_coco, memory_di
         assert there.path == f"{images}/{here.file_name}"
         assert replace(there, images_dir=here.images_dir) == here
         np.testing.assert_array_equal(load_image(there), load_image(here))
+
+
+def test_a_used_category_id_0_is_a_class_not_the_background(tiny_coco):
+    # Some exports number real classes from 0: category 0 gets label 1 like any lowest id; the
+    # model's label 0 stays the background.
+    ds = tiny_coco()
+    ds.data["categories"].append({"id": 0, "name": "zero"})
+    ds.annotation(1)["category_id"] = 0
+    ds.write_json()
+    index = _read(ds)
+    assert index.skipped == []
+    assert [(c["id"], c["label"]) for c in index.categories] == [(0, 1), (3, 2), (10, 3)]
+    labels = {i.ann_id: (i.category_id, i.label) for r in index.records for i in r.instances}
+    assert labels == {1: (0, 1), 2: (10, 3), 3: (3, 2)}
