@@ -26,7 +26,9 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
@@ -53,16 +55,43 @@ class MaskRCNNPyfunc(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        if INPUT_COLUMN not in model_input:
-            raise ValueError(f"the input needs a column {INPUT_COLUMN!r} of encoded image bytes")
-        threshold = float((params or {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD))
+        """A bad request (no ``image`` column, no rows, bytes that are not an image, a bad
+        threshold) is an ``INVALID_PARAMETER_VALUE`` error naming the row: the scoring server
+        answers it with a 400 and the message, other errors with a 500."""
+        try:
+            threshold = score_threshold(params)
+            images = [decode_image(v, row=i) for i, v in enumerate(image_column(model_input))]
+        except ValueError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         rows = []
-        for i, value in enumerate(model_input[INPUT_COLUMN]):
-            image = decode_image(value, row=i)
+        for image in images:
             (detection,) = self.detector.detect([image], score_threshold=threshold)
             record = self.detector.to_record(detection)
             rows.append({key: record[key] for key in OUTPUT_COLUMNS})
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def image_column(model_input: object) -> pd.Series:
+    """The ``image`` column of a request with at least one row."""
+    if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input:
+        raise ValueError(
+            f"the input needs a column {INPUT_COLUMN!r} of encoded image bytes "
+            "(base64 text in JSON)"
+        )
+    if model_input.empty:
+        raise ValueError(f"the input has no rows: send one {INPUT_COLUMN!r} per image")
+    return model_input[INPUT_COLUMN]
+
+
+def score_threshold(params: dict[str, Any] | None) -> float:
+    value = (params or {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD)
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"score_threshold must be a number, got {value!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {threshold}")
+    return threshold
 
 
 def decode_image(value: bytes | str, *, row: int = 0) -> np.ndarray:
