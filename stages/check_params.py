@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.config.errors import command, describe
 from pipeline.config.params import load_params
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     """Check params files as complete recipes; print what is wrong, exit 1 if anything is."""
-    paths = (argv if argv is not None else sys.argv[1:]) or ["params.yaml"]
+    paths = argv or ["params.yaml"]
     failed = 0
     for path in paths:
         try:
             load_params(path, complete=True)
         except (OSError, ValueError) as exc:
-            print(exc, file=sys.stderr)
+            print(f"error: {describe(exc)}", file=sys.stderr)
             failed += 1
         else:
             print(f"{path}: ok")

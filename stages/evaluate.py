@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
+from pipeline.config.errors import command
 from pipeline.config.params import load_params, setup_logging
+from pipeline.config.settings import EvaluateSettings
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.io import storage
+from pipeline.io.outputs import TRAIN
+from pipeline.registry.tracking import RunRef, check_server
 
 log = logging.getLogger("stages.evaluate")
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--train", required=True, help="the train stage's output directory")
@@ -22,16 +26,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
+    settings = params.settings(EvaluateSettings)
     train_dir = Path(params.path(args.train))
+    model_path = TRAIN.find(train_dir, TRAIN.model)
+    run_file = TRAIN.find(train_dir, TRAIN.run)
+    run = RunRef.read(run_file)
+    check_server(run.tracking_uri, setting=f"tracking_uri in {run_file}")
     metrics = evaluate(
-        model_path=train_dir / "model.pt",
+        model_path=model_path,
         shards_dir=storage.join(params.data_path("shards_dir"), "val"),
         annotation_file=params.data_path("val_annotations"),
         images_dir=params.data_path("val_images"),
         out_dir=params.path(args.out),
         ray_address=params.ray_address,
-        tracking_run=json.loads((train_dir / "run.json").read_text()),
-        **params.section("evaluate"),
+        tracking_run=run.to_dict(),
+        **settings.to_dict(),
     )
     log.info("bbox AP %.3f, segm AP %.3f", metrics["bbox_AP"], metrics["segm_AP"])
 

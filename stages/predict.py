@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
+from pipeline.config.errors import command
 from pipeline.config.params import setup_logging
 from pipeline.inference.detector import check_images, predict_files
 from pipeline.registry.pyfunc import load_detector
+from pipeline.registry.tracking import check_server
 
 log = logging.getLogger("stages.predict")
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="maskrcnn-predict",
         description=__doc__,
@@ -40,18 +44,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        check_images(args.images)
-        detector = load_detector(args.model, tracking_uri=args.tracking_uri)
-        path = predict_files(
-            detector=detector,
-            images=args.images,
-            out_dir=args.out,
-            score_threshold=args.score_threshold,
-            batch_size=args.batch_size,
-        )
-    except ValueError as err:
-        raise SystemExit(f"maskrcnn-predict: error: {err}") from None
+    check_images(args.images)
+    if args.model.startswith(("models:/", "runs:/")):
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        check_server(uri, setting="--tracking-uri (or MLFLOW_TRACKING_URI)")
+    detector = load_detector(args.model, tracking_uri=args.tracking_uri)
+    path = predict_files(
+        detector=detector,
+        images=args.images,
+        out_dir=args.out,
+        score_threshold=args.score_threshold,
+        batch_size=args.batch_size,
+    )
     log.info("wrote %s and overlays/ for %d images", path, len(args.images))
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipeline.config.errors import command
 from pipeline.config.params import load_params, model_config, setup_logging
+from pipeline.config.settings import PreprocessSettings
 from pipeline.io import storage
 from pipeline.io.ray_runtime import ensure_ray
 from pipeline.shards.preprocess import preprocess_split
@@ -15,12 +17,14 @@ log = logging.getLogger("stages.preprocess")
 SPLITS = ("train", "val")
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
+    settings = params.settings(PreprocessSettings)
     # Matching depends on the anchors and RPN thresholds only, not on the class count.
     config = model_config(params, num_classes=2)
     ensure_ray(params.ray_address)
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
             out_dir=storage.join(shards_dir, split),
             model_config=config,
             ray_address=params.ray_address,
-            **params.section("preprocess"),
+            **settings.to_dict(),
         )
         counts = manifest["counts"]
         log.info("%s: %s", split, {k: v for k, v in counts.items() if k != "skipped"})

@@ -6,15 +6,18 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline.config.errors import command
 from pipeline.config.params import load_params, setup_logging
-from pipeline.io import storage
+from pipeline.config.settings import RegisterSettings
+from pipeline.io.outputs import EVALUATE, REGISTER, TRAIN
 from pipeline.registry.register import register
-from pipeline.shards.schema import read_manifest
+from pipeline.registry.tracking import RunRef, check_server
 
 log = logging.getLogger("stages.register")
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--train", required=True, help="the train stage's output directory")
@@ -23,14 +26,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
+    settings = params.settings(RegisterSettings)
     train_dir, eval_dir = Path(params.path(args.train)), Path(params.path(args.evaluate))
+    model_path = TRAIN.find(train_dir, TRAIN.model)  # it names its categories
+    run_file = TRAIN.find(train_dir, TRAIN.run)
+    run = RunRef.read(run_file)
+    if settings.tracking_uri:
+        check_server(settings.tracking_uri, setting="register.tracking_uri")
+    else:
+        check_server(run.tracking_uri, setting=f"tracking_uri in {run_file}")
     decision = register(
-        model_path=train_dir / "model.pt",
-        eval_metrics=eval_dir / "metrics.json",
-        run_info=train_dir / "run.json",
-        out_path=f"{params.path(args.out)}/decision.json",
-        categories=read_manifest(storage.join(params.data_path("shards_dir"), "val"))["categories"],
-        **params.section("register"),
+        model_path=model_path,
+        eval_metrics=EVALUATE.find(eval_dir, EVALUATE.metrics),
+        run_info=run.to_dict(),
+        out_path=Path(params.path(args.out)) / REGISTER.decision,
+        **settings.to_dict(),
     )
     log.info("%s v%s: %s", decision["model_name"], decision["version"], decision["reason"])
 

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.errors import command
 from pipeline.config.params import load_params
+from pipeline.io.outputs import EVALUATE, REGISTER, TRAIN
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -20,9 +22,9 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def report_lines(artifacts: Path) -> list[str]:
     """The summary of ``artifacts/{train,evaluate,register}``; a line per missing part."""
-    train = _read(artifacts / "train" / "metrics.json")
-    scores = _read(artifacts / "evaluate" / "metrics.json")
-    decision = _read(artifacts / "register" / "decision.json")
+    train = _read(TRAIN.under(artifacts) / TRAIN.metrics)
+    scores = _read(EVALUATE.under(artifacts) / EVALUATE.metrics)
+    decision = _read(REGISTER.under(artifacts) / REGISTER.decision)
     lines = []
     if train:
         lines.append(
@@ -31,7 +33,7 @@ def report_lines(artifacts: Path) -> list[str]:
             f"global batch {train['global_batch']}), final loss {train['loss']:.3f}"
         )
     else:
-        lines.append(f"no training metrics in {artifacts / 'train'}")
+        lines.append(f"no training metrics in {TRAIN.under(artifacts)}")
     if scores:
         lines.append(
             f"val ({scores['num_images']} images): bbox AP {scores['bbox_AP']:.3f} "
@@ -43,7 +45,7 @@ def report_lines(artifacts: Path) -> list[str]:
             classes = ", ".join(f"{name} {ap:.2f}" for name, ap in per_class.items())
             lines.append(f"segm AP per class: {classes}")
     else:
-        lines.append(f"no evaluation metrics in {artifacts / 'evaluate'}")
+        lines.append(f"no evaluation metrics in {EVALUATE.under(artifacts)}")
     if decision:
         role = "champion" if decision["champion"] else "challenger"
         lines.append(
@@ -53,7 +55,8 @@ def report_lines(artifacts: Path) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipeline.config.errors import command
 from pipeline.config.params import load_params, model_config, setup_logging
-from pipeline.config.settings import TrainSettings
+from pipeline.config.settings import TrackingSettings, TrainSettings
 from pipeline.io import storage
-from pipeline.registry.tracking import TrackingSettings
 from pipeline.shards.schema import read_manifest
 from pipeline.training.trainer import train
 
 log = logging.getLogger("stages.train")
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", required=True, help="directory for model.pt, metrics, loss.csv")
@@ -23,15 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params(args.params)
     shards_dir = params.data_path("shards_dir")
-    categories = read_manifest(storage.join(shards_dir, "train"))["categories"]
+    manifest = read_manifest(storage.join(shards_dir, "train"))  # the class count; read once
     result = train(
-        settings=TrainSettings.from_dict(params.section("train")),
-        model_config=model_config(params, num_classes=len(categories) + 1),
+        settings=params.settings(TrainSettings),
+        model_config=model_config(params, num_classes=len(manifest["categories"]) + 1),
         shards_dir=shards_dir,
-        tracking=TrackingSettings(**params.section("tracking")),
+        tracking=params.settings(TrackingSettings),
         out_dir=params.path(args.out),
         ray_address=params.ray_address,
         project_root=params.root,
+        train_manifest=manifest,
     )
     log.info("model written to %s (MLflow run %s)", result.model_path, result.run.run_id)
 

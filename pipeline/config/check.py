@@ -7,10 +7,9 @@ would otherwise fail deep inside a stage with a message that names no key. ``loa
 runs these checks on the sections a file has; ``complete=True`` also requires every section
 and every key that has no default, as a full recipe (configs/) must.
 
-The typed sections are checked against the classes that consume them (``ModelConfig``,
-``TrainSettings``); the others against the keyword arguments of the functions the stages pass
-them to, declared in ``SECTION_KEYS`` (tests/pipeline/test_params_check.py keeps the two in
-step).
+Every section is checked against the class that consumes it (``ModelConfig``, and the settings
+classes of ``pipeline.config.settings``): the keys are its fields, the types its annotations,
+the required keys those without a default, and building it runs its range checks.
 
     python -m stages.check_params configs/coco_r50_fpn_1x.yaml
 """
@@ -26,70 +25,35 @@ from pathlib import Path
 from typing import Any
 
 from maskrcnn.config import ModelConfig
-from pipeline.config.settings import TrainSettings
+from pipeline.config.settings import (
+    DataSettings,
+    EvaluateSettings,
+    PreprocessSettings,
+    RaySettings,
+    RegisterSettings,
+    Section,
+    ShapesSettings,
+    TrackingSettings,
+    TrainSettings,
+)
 
-SECTIONS = (
-    "data", "shapes", "model", "preprocess", "train", "evaluate", "register", "tracking", "ray",
-)  # fmt: skip
-
-# Sections passed as keyword arguments to a function (stage -> function): key -> type. Only the
-# keys a params file may set; the stage supplies the others (paths, ray_address, ...).
-SECTION_KEYS: dict[str, dict[str, Any]] = {
-    "data": dict.fromkeys(
-        (
-            "shapes_dir",
-            "train_images",
-            "train_annotations",
-            "val_images",
-            "val_annotations",
-            "shards_dir",
-            "artifacts_dir",
-        ),
-        str,
-    ),
-    # pipeline.coco.shapes.write_shapes_dataset
-    "shapes": {
-        "n_train": int,
-        "n_val": int,
-        "seed": int,
-        "min_side": int,
-        "max_side": int,
-        "max_instances": int,
-        "empty_fraction": float,
-        "crowd_fraction": float,
-        "jpeg_quality": int,
-    },
-    # pipeline.shards.preprocess.preprocess_split
-    "preprocess": {
-        "image_format": str,
-        "jpeg_quality": int,
-        "rows_per_shard": int,
-        "progress": bool,
-    },
-    # pipeline.evaluation.evaluate.evaluate
-    "evaluate": {
-        "batch_size": int,
-        "score_threshold": float,
-        "num_overlays": int,
-        "overlay_score_threshold": float,
-        "concurrency": int,
-    },
-    # pipeline.registry.register.register
-    "register": {"model_name": str, "min_segm_ap": float, "tracking_uri": str | None},
-    # pipeline.registry.tracking.TrackingSettings
-    "tracking": {"uri": str | None, "experiment": str},
-    # pipeline.config.params.Params.ray_address
-    "ray": {"address": str | None},
+# Each section of a params file and the class its stage builds from it.
+SCHEMAS: dict[str, type] = {
+    "data": DataSettings,
+    "shapes": ShapesSettings,
+    "model": ModelConfig,
+    "preprocess": PreprocessSettings,
+    "train": TrainSettings,
+    "evaluate": EvaluateSettings,
+    "register": RegisterSettings,
+    "tracking": TrackingSettings,
+    "ray": RaySettings,
 }
-# Keys a complete file must set: dvc.yaml's templating reads every data path, and register's
-# arguments have no default.
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "data": tuple(SECTION_KEYS["data"]),
-    "register": ("model_name", "min_segm_ap"),
-}
+SECTIONS = tuple(SCHEMAS)
 # The class count comes from the data (the shards' categories), never from the params file;
 # any valid count will do for checking the rest of the model section.
 _CHECK_NUM_CLASSES = 2
+_MODEL_SKIP = frozenset({"num_classes"})
 
 
 def check_sections(raw: Mapping[str, Any], source: Path, *, complete: bool = False) -> None:
@@ -112,21 +76,23 @@ def check_sections(raw: Mapping[str, Any], source: Path, *, complete: bool = Fal
                 f"{source}: section {name!r} must be a mapping of keys, "
                 f"got {type(section).__name__} {section!r}"
             )
-        if name == "model":
-            _check_mapping(
-                section, _dataclass_keys(ModelConfig, skip={"num_classes"}), name, source
-            )
-            _build(name, source, _model_config, section)
-        elif name == "train":
-            _check_mapping(section, _dataclass_keys(TrainSettings), name, source)
-            _build(name, source, TrainSettings.from_dict, section)
-        else:
-            _check_mapping(section, SECTION_KEYS[name], name, source)
-        if complete:
-            absent = [key for key in REQUIRED_KEYS.get(name, ()) if section.get(key) is None]
-            if absent:
-                keys = ", ".join(f"{name}.{key}" for key in absent)
-                raise ValueError(f"{source}: {keys} must be set")
+        _check_section(name, section, source, complete=complete)
+
+
+def _check_section(name: str, section: Mapping[str, Any], source: Path, *, complete: bool) -> None:
+    """Keys and types, then (complete) the required keys, then the class's own checks; a
+    section that lacks a required key is not built (a stage names it when it reads it)."""
+    schema = SCHEMAS[name]
+    skip = _MODEL_SKIP if schema is ModelConfig else frozenset()
+    _check_mapping(section, _dataclass_keys(schema, skip=skip), name, source)
+    required = schema.required_keys() if issubclass(schema, Section) else ()
+    absent = [key for key in required if section.get(key) is None]
+    if absent and complete:
+        keys = ", ".join(f"{name}.{key}" for key in absent)
+        raise ValueError(f"{source}: {keys} must be set")
+    if not absent:
+        build = _model_config if schema is ModelConfig else schema.from_dict
+        _build(name, source, build, section)
 
 
 def _model_config(section: dict[str, Any]) -> ModelConfig:
@@ -173,6 +139,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return value is None
     if hint is Any:
         return True
+    if origin is typing.Literal:
+        return any(value == arm and type(value) is type(arm) for arm in args)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -199,6 +167,8 @@ def _describe(hint: Any) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     if hint is type(None):
         return "null"
+    if origin is typing.Literal:
+        return " or ".join(f'"{arm}"' for arm in args)
     if hint in names:
         return names[hint]
     if origin is tuple:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from maskrcnn.config import ModelConfig
 from pipeline.config.check import check_sections
+from pipeline.config.settings import RaySettings, Section
+
+_S = TypeVar("_S", bound=Section)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,14 @@ class Params:
         if name not in self.raw:
             raise ValueError(f"{self.source}: missing section {name!r}")
         return dict(self.raw[name] or {})
+
+    def settings(self, cls: type[_S]) -> _S:
+        """The typed settings of section ``cls.SECTION`` (already checked by ``load_params``)."""
+        section = self.section(cls.SECTION)
+        try:
+            return cls.from_dict(section)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{self.source}: invalid {cls.SECTION} section: {exc}") from exc
 
     def path(self, value: str | None) -> str | None:
         """Resolve a path from params against the project root; URIs pass through unchanged."""
@@ -46,7 +57,8 @@ class Params:
 
     @property
     def ray_address(self) -> str | None:
-        return (self.raw.get("ray") or {}).get("address") or None
+        """``ray.address``; a file without a ``ray:`` section uses a local Ray."""
+        return RaySettings.from_dict(self.raw.get("ray")).address or None
 
 
 def load_params(path: str | Path = "params.yaml", *, complete: bool = False) -> Params:

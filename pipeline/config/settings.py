@@ -1,20 +1,31 @@
-"""Typed training settings: the ``train:`` section of params.yaml, validated once, up front.
+"""Typed settings, one frozen class per params.yaml section, validated once, up front.
 
-Field names are the params.yaml keys. The learning rate is given for a reference global batch
-(``lr_reference_batch``) and scaled linearly with the real one (Goyal et al.), so changing the
-number of workers or the batch per worker keeps the recipe.
+Field names are the params.yaml keys, and each class is what its stage hands on to the code
+that does the work (``**settings.to_dict()`` into ``preprocess_split``, ``evaluate``, ...), so
+the params check (``pipeline.config.check``) derives the known keys and their types from these
+classes rather than from a table kept by hand. This is the lowest layer: it imports nothing of
+ours but the model config.
+
+The learning rate is given for a reference global batch (``lr_reference_batch``) and scaled
+linearly with the real one (Goyal et al.), so changing the number of workers or the batch per
+worker keeps the recipe.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, ClassVar, Literal, TypeVar
 
 SCHEDULES = ("multistep", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
 INITS = ("none", "imagenet", "coco")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+IMAGE_FORMATS = ("jpeg", "png")
+AUTO = "auto"
+# How many inference actors evaluate runs: a count, or "auto" (sized to the cluster).
+Concurrency = int | Literal["auto"]
 
 # Settings that may change while a run goes on under the same run name: how long it runs, how
 # often it logs and checkpoints, where and on how many workers it runs (the learning rate follows
@@ -35,10 +46,183 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 
+_S = TypeVar("_S", bound="Section")
+
+
+class Section:
+    """What the settings classes share: built from their params.yaml section (``SECTION``),
+    checked when constructed, handed on as a plain dict (keyword arguments, JSON, MLflow)."""
+
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def required_keys(cls) -> tuple[str, ...]:
+        """The keys without a default: a params file must set them."""
+        return tuple(
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        )
+
+    @classmethod
+    def from_dict(cls: type[_S], data: Mapping[str, Any] | None) -> _S:
+        """Build from a params.yaml section (lists become tuples); unknown or missing keys are
+        a ValueError naming them."""
+        data = dict(data or {})
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {cls.SECTION} settings: {unknown} (known: {known})")
+        missing = [key for key in cls.required_keys() if key not in data]
+        if missing:
+            keys = ", ".join(f"{cls.SECTION}.{key}" for key in missing)
+            raise ValueError(f"{keys} must be set")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def _require(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"{self.SECTION} settings: {message}")
+
+    def _choice(self, name: str, value: str, allowed: tuple[str, ...]) -> None:
+        self._require(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
+
+    def _fraction(self, *names: str) -> None:
+        for name in names:
+            self._require(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1]")
+
+    def _at_least(self, minimum: int, *names: str) -> None:
+        for name in names:
+            self._require(getattr(self, name) >= minimum, f"{name} must be >= {minimum}")
+
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSettings:
+class DataSettings(Section):
+    """Where the data and the outputs live (``data:``). Every path is required: dvc.yaml's
+    templating reads them all."""
+
+    SECTION: ClassVar[str] = "data"
+
+    shapes_dir: str
+    train_images: str
+    train_annotations: str
+    val_images: str
+    val_annotations: str
+    shards_dir: str
+    artifacts_dir: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShapesSettings(Section):
+    """The built-in synthetic dataset (``shapes:``), for ``write_shapes_dataset``."""
+
+    SECTION: ClassVar[str] = "shapes"
+
+    n_train: int = 400
+    n_val: int = 80
+    seed: int = 0
+    min_side: int = 160
+    max_side: int = 320
+    max_instances: int = 6
+    empty_fraction: float = 0.06
+    crowd_fraction: float = 0.1
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        self._at_least(1, "n_train", "n_val", "max_instances", "jpeg_quality")
+        self._require(
+            16 <= self.min_side <= self.max_side,
+            f"need 16 <= min_side <= max_side, got {self.min_side} and {self.max_side}",
+        )
+        self._fraction("empty_fraction", "crowd_fraction")
+        self._require(self.jpeg_quality <= 100, "jpeg_quality must be in 1..100")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessSettings(Section):
+    """How shards are written (``preprocess:``), for ``preprocess_split``."""
+
+    SECTION: ClassVar[str] = "preprocess"
+
+    image_format: str = "jpeg"
+    jpeg_quality: int = 95
+    rows_per_shard: int = 256
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self._choice("image_format", self.image_format, IMAGE_FORMATS)
+        self._require(1 <= self.jpeg_quality <= 100, "jpeg_quality must be in 1..100")
+        self._at_least(1, "rows_per_shard")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateSettings(Section):
+    """Batch inference and scoring (``evaluate:``), for ``evaluate``. ``concurrency``: the
+    number of inference actors, or "auto" to size the pool to the cluster."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    batch_size: int = 4
+    score_threshold: float = 0.0
+    num_overlays: int = 8
+    overlay_score_threshold: float = 0.5
+    concurrency: Concurrency = AUTO
+
+    def __post_init__(self) -> None:
+        self._at_least(1, "batch_size")
+        self._at_least(0, "num_overlays")
+        self._fraction("score_threshold", "overlay_score_threshold")
+        count = isinstance(self.concurrency, int) and not isinstance(self.concurrency, bool)
+        self._require(
+            self.concurrency == AUTO or (count and self.concurrency >= 1),
+            f'concurrency must be an integer >= 1 or "auto", got {self.concurrency!r}',
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegisterSettings(Section):
+    """Registration and the champion gate (``register:``), for ``register``.
+    ``tracking_uri`` None: the training run's store (run.json)."""
+
+    SECTION: ClassVar[str] = "register"
+
+    model_name: str
+    min_segm_ap: float
+    tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        self._require(bool(self.model_name), "model_name must be a non-empty name")
+        self._fraction("min_segm_ap")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingSettings(Section):
+    """Where MLflow runs go (``tracking:``). ``uri`` None means the project's SQLite file."""
+
+    SECTION: ClassVar[str] = "tracking"
+
+    uri: str | None = None
+    experiment: str = "maskrcnn"
+
+    def __post_init__(self) -> None:
+        self._require(bool(self.experiment), "experiment must be a non-empty name")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RaySettings(Section):
+    """Which Ray runtime the stages use (``ray:``): None starts a local one; "auto" or
+    ``host:port`` joins a cluster."""
+
+    SECTION: ClassVar[str] = "ray"
+
+    address: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings(Section):
     """How to train: resources, optimisation recipe, checkpoints and logging."""
+
+    SECTION: ClassVar[str] = "train"
 
     # resources
     num_workers: int = 1
@@ -75,42 +259,42 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "num_workers must be >= 1")
-        _require(self.cpus_per_worker > 0, "cpus_per_worker must be > 0")
-        _choice("placement_strategy", self.placement_strategy, PLACEMENTS)
+        self._require(self.num_workers >= 1, "num_workers must be >= 1")
+        self._require(self.cpus_per_worker > 0, "cpus_per_worker must be > 0")
+        self._choice("placement_strategy", self.placement_strategy, PLACEMENTS)
         for name in ("batch_per_worker", "steps", "lr_reference_batch", "grad_accum"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+            self._require(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _require(self.base_lr > 0, "base_lr must be > 0")
-        _require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
-        _require(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        _require(0 < self.warmup_factor <= 1, "warmup_factor must be in (0, 1]")
-        _choice("schedule", self.schedule, SCHEDULES)
-        _require(0 < self.gamma <= 1, "gamma must be in (0, 1]")
-        _require(
+            self._require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        self._choice("optimizer", self.optimizer, OPTIMIZERS)
+        self._require(self.base_lr > 0, "base_lr must be > 0")
+        self._require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
+        self._require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        self._require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        self._require(0 < self.warmup_factor <= 1, "warmup_factor must be in (0, 1]")
+        self._choice("schedule", self.schedule, SCHEDULES)
+        self._require(0 < self.gamma <= 1, "gamma must be in (0, 1]")
+        self._require(
             all(0 < m < self.steps for m in self.milestones)
             and list(self.milestones) == sorted(set(self.milestones)),
             f"milestones must be strictly increasing steps in (0, steps={self.steps}), "
             f"got {list(self.milestones)}",
         )
-        _require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)")
-        _choice("amp", self.amp, AMP_MODES)
-        _require(
+        self._require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)")
+        self._choice("amp", self.amp, AMP_MODES)
+        self._require(
             self.amp != "fp16" or self.use_gpu,
             "amp: fp16 needs use_gpu: true (CPU autocast supports bf16 only)",
         )
-        _require(0 <= self.flip_prob <= 1, "flip_prob must be in [0, 1]")
-        _choice("init", self.init, INITS)
-        _require(
+        self._require(0 <= self.flip_prob <= 1, "flip_prob must be in [0, 1]")
+        self._choice("init", self.init, INITS)
+        self._require(
             self.init == "none" or bool(self.weights_path),
             f"init: {self.init} needs weights_path (a local file; nothing is downloaded)",
         )
-        _require(self.max_failures >= -1, "max_failures must be >= 0, or -1 for unlimited")
-        _require(bool(self.storage_path), "storage_path must not be empty")
-        _require(
+        self._require(self.max_failures >= -1, "max_failures must be >= 0, or -1 for unlimited")
+        self._require(bool(self.storage_path), "storage_path must not be empty")
+        self._require(
             bool(self.run_name) and "/" not in self.run_name,
             f"run_name must be a non-empty name without '/', got {self.run_name!r}",
         )
@@ -124,24 +308,3 @@ class TrainSettings:
     def lr(self) -> float:
         """Peak learning rate: ``base_lr`` scaled linearly from the reference batch."""
         return self.base_lr * self.global_batch / self.lr_reference_batch
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
-        """Build from the ``train:`` section of params.yaml; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown train settings: {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"train settings: {message}")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, f"{name} must be one of {allowed}, got {value!r}")

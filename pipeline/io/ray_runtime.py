@@ -7,6 +7,8 @@ import os
 
 import ray
 
+from pipeline.io.network import check_reachable
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +24,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        _check_address(address)
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
@@ -29,6 +32,20 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
             address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True
         )
         log.info("started a local Ray runtime; dashboard: http://%s", context.dashboard_url)
+
+
+def _check_address(address: str) -> None:
+    """A ``host:port`` (or ``ray://host:port``) that does not answer is an error at once, where
+    ``ray.init`` would wait minutes; "auto" is left to Ray."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if colon and port.isdigit():
+        check_reachable(
+            host,
+            int(port),
+            service="the Ray cluster",
+            fix="start it (`ray start --head`), or set ray.address in params.yaml (null: a "
+            "local Ray) and RAY_ADDRESS to one that runs",
+        )
 
 
 def cluster_node_count() -> int:

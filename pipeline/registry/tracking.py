@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,24 +22,15 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipeline.io.network import check_reachable
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 PROJECT_MARKERS = ("params.yaml", "pyproject.toml")
 LOCAL_SCHEMES = ("", "file", "sqlite")
 NAMED_REMOTES = ("databricks", "databricks-uc")  # URIs that are a bare word, not a path
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrackingSettings:
-    """The ``tracking:`` section of params.yaml. ``uri`` None means the project's SQLite file."""
-
-    uri: str | None = None
-    experiment: str = "maskrcnn"
-
-    def __post_init__(self) -> None:
-        if not self.experiment:
-            raise ValueError("tracking.experiment must be a non-empty name")
+HTTP_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +48,8 @@ class RunRef:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def read(cls, path: Path) -> RunRef:
+    def read(cls, path: str | Path) -> RunRef:
+        """The run file a training wrote (run.json); a ValueError names a missing or bad one."""
         try:
             data = json.loads(Path(path).read_text())
             return cls(**{k: str(data[k]) for k in ("run_id", "experiment_id", "tracking_uri")})
@@ -114,6 +107,29 @@ def check_uri_for_cluster(uri: str, *, node_count: int) -> None:
             "`mlflow server --backend-store-uri sqlite:///mlflow.db --host 0.0.0.0 "
             "--port 5000`, and set tracking.uri to its address (http://<host>:5000)."
         )
+
+
+def check_server(uri: str, *, setting: str = "tracking.uri") -> None:
+    """Fail at once, saying what to do, when ``uri`` is an HTTP tracking server that does not
+    answer (MLflow's client would retry for minutes). ``setting``: where the URI came from.
+    A server behind an HTTP proxy is left to MLflow: only the proxy would answer a probe."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in HTTP_PORTS or not parsed.hostname:
+        return
+    if parsed.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(
+        parsed.hostname
+    ):
+        return
+    check_reachable(
+        parsed.hostname,
+        parsed.port or HTTP_PORTS[parsed.scheme],
+        service=f"the MLflow tracking server {uri}",
+        fix=(
+            "start it (`mlflow server --backend-store-uri sqlite:///mlflow.db --port "
+            f"{parsed.port or HTTP_PORTS[parsed.scheme]}`) or set {setting} to a server that "
+            "runs (null: the project's SQLite file)"
+        ),
+    )
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

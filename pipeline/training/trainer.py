@@ -1,9 +1,13 @@
-"""Train on Ray: one call that builds the TorchTrainer, runs it, and writes the stage outputs.
+"""Train on Ray: the train stage's work as a short sequence of named steps.
+
+``train`` plans the run (``pipeline.training.run_dir``: paths, the train manifest, the recipe
+hash, once), checks the shards against the model, starts Ray, opens the MLflow run, builds and
+fits the TorchTrainer, and writes the stage outputs (``pipeline.io.outputs.TRAIN``).
 
 Resuming is Ray Train's: its run directory ``<storage_path>/<run_name>-<recipe hash>`` keeps
 the checkpoint list, so a worker group restarted after a failure, or a driver started again
 with the same run name and recipe, gets the latest checkpoint from ``ray.train.get_checkpoint()``
-(the directory name and the MLflow run that goes with it: ``pipeline.training.run_dir``).
+and logs into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +32,28 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.config.settings import TrainSettings
+from pipeline.config.settings import TrackingSettings, TrainSettings
 from pipeline.io import storage
+from pipeline.io.outputs import TRAIN
 from pipeline.io.ray_runtime import cluster_node_count, ensure_ray
 from pipeline.registry.tracking import (
     RunRef,
-    TrackingSettings,
+    check_server,
     check_uri_for_cluster,
     end_run,
     find_project_root,
     log_params,
-    resolve_tracking_uri,
 )
-from pipeline.shards.schema import check_compatible, read_manifest
+from pipeline.shards.schema import check_compatible
 from pipeline.training.loader import ray_dataset
 from pipeline.training.loop import train_loop_per_worker
 from pipeline.training.progress import LOSS_NAMES
-from pipeline.training.run_dir import open_run_for, ray_run_dir, ray_run_name
+from pipeline.training.run_dir import RunPlan, open_run, plan_run
 from pipeline.training.state import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
 CACHE_MAX_BYTES = 1 << 30
-MODEL_OUT, METRICS_OUT, LOSS_OUT, RUN_OUT = "model.pt", "metrics.json", "loss.csv", "run.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,107 +77,65 @@ def train(
     out_dir: str | Path,
     ray_address: str | None = None,
     project_root: Path | None = None,
-    fault: dict[str, Any] | None = None,
+    train_manifest: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``model_config`` on ``<shards_dir>/train`` and write into ``out_dir``:
-    model.pt (``save_model``), metrics.json, loss.csv (for ``dvc plots``) and run.json.
+    """Train ``model_config`` on ``<shards_dir>/train`` and write into ``out_dir`` the files
+    of ``pipeline.io.outputs.TRAIN``: the model (``save_model``, with the shards' categories),
+    metrics.json, loss.csv (for ``dvc plots``) and run.json.
 
     ``project_root`` (default: found from the current directory) anchors relative paths:
     the tracking store and ``settings.storage_path``. ``shards_dir`` and the storage path may be
-    URIs (s3://, gs://, file://, ...): on a cluster, every node must reach them. ``fault`` is a
-    fault-tolerance drill, ``{"step", "rank", "marker"}``: that rank's process dies once, right
-    after that step.
+    URIs (s3://, gs://, file://, ...): on a cluster, every node must reach them.
+    ``train_manifest``: the train split's manifest, when the caller has read it. Fault drills:
+    ``MASKRCNN_FAULT`` in the workers' environment (``pipeline.training.faults``).
     """
     started = time.perf_counter()
-    root = Path(project_root) if project_root else find_project_root()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    storage_path = storage.absolute(settings.storage_path, root=root)
-    settings = replace(settings, storage_path=storage_path)
-    train_dir = storage.join(storage.absolute(shards_dir), "train")
-    _check_classes(check_compatible(train_dir, model_config), model_config, train_dir)
-
-    if settings.amp == "bf16" and not settings.use_gpu:
-        log.warning(
-            "amp: bf16 on CPU was ~20x slower than fp32 on a CPU without bf16 instructions "
-            "(docs/benchmarks.md, Training): measure it on yours before keeping it"
-        )
-    ensure_ray(ray_address)
-    tracking_uri = resolve_tracking_uri(tracking.uri, project_root=root)
-    check_uri_for_cluster(tracking_uri, node_count=cluster_node_count())
-    run_dir = ray_run_dir(settings, model_config)
-    run = open_run_for(
+    plan = plan_run(
         settings=settings,
         model_config=model_config,
-        tracking_uri=tracking_uri,
-        experiment=tracking.experiment,
-        project_root=root,
+        shards_dir=shards_dir,
+        tracking=tracking,
+        project_root=Path(project_root) if project_root else find_project_root(),
+        train_manifest=train_manifest,
     )
-    data_params = {"shards_dir": str(shards_dir)}
-    log_params(
-        run, {"train": settings.to_dict(), "model": model_config.to_dict(), "data": data_params}
-    )
-    run.write(out / RUN_OUT)
-
-    trainer = make_trainer(
-        settings=settings, model_config=model_config, train_dir=train_dir, run=run, fault=fault
-    )
-    try:
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"training in {run_dir} left no checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
-    except Exception:
-        end_run(run, status="FAILED")
-        raise
-    except BaseException:  # Ctrl-C (Ray Train aborts the run first), SystemExit
-        end_run(run, status="KILLED")
-        raise
-
-    model = MaskRCNN(model_config)
-    model.load_state_dict(state)
-    save_model(model, out / MODEL_OUT, categories=read_manifest(train_dir)["categories"])
-    summary = result.return_value or {}
+    _check_shards(plan)
+    _warn_about_slow_settings(plan.settings)
+    check_server(plan.tracking_uri)  # before Ray starts: an unreachable server fails at once
+    ensure_ray(ray_address)
+    check_uri_for_cluster(plan.tracking_uri, node_count=cluster_node_count())
+    run = _start_run(plan)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run.write(out / TRAIN.run)
+    summary, state = _fit(make_trainer(plan=plan, run=run), run=run, where=plan.directory)
+    _write_model(state, plan, out / TRAIN.model)
     history = summary.get("history", [])
-    metrics = _final_metrics(summary, settings, wall_s=time.perf_counter() - started)
-    (out / METRICS_OUT).write_text(json.dumps(metrics, indent=2) + "\n")
-    _write_loss_csv(out / LOSS_OUT, history)
-    client = MlflowClient(run.tracking_uri)
-    for name in (METRICS_OUT, LOSS_OUT):
-        client.log_artifact(run.run_id, str(out / name), artifact_path="train")
+    metrics = _final_metrics(summary, plan.settings, wall_s=time.perf_counter() - started)
+    (out / TRAIN.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_loss_csv(out / TRAIN.loss, history)
+    _log_outputs(run, out)
     end_run(run, status="FINISHED")
-    log.info("trained %d steps: %s", metrics["step"], out / MODEL_OUT)
+    log.info("trained %d steps: %s", metrics["step"], out / TRAIN.model)
     return TrainResult(
-        model_path=out / MODEL_OUT,
+        model_path=out / TRAIN.model,
         metrics=metrics,
         history=history,
         run=run,
-        run_dir=run_dir,
+        run_dir=plan.directory,
         resumed_from=int(summary.get("resumed_from", 0)),
     )
 
 
-def make_trainer(
-    *,
-    settings: TrainSettings,
-    model_config: ModelConfig,
-    train_dir: str,
-    run: RunRef | None,
-    fault: dict[str, Any] | None = None,
-) -> TorchTrainer:
-    """The TorchTrainer for these settings; ``run`` None trains without MLflow logging.
-
-    ``train_dir`` and ``settings.storage_path`` must be absolute (workers run elsewhere).
-    """
+def make_trainer(*, plan: RunPlan, run: RunRef | None) -> TorchTrainer:
+    """The TorchTrainer of a planned run; ``run`` None trains without MLflow logging."""
+    settings = plan.settings
     with _quiet_data_progress():
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "settings": settings.to_dict(),
-                "model": model_config.to_dict(),
+                "model": plan.model_config.to_dict(),
                 "run": run.to_dict() if run else None,
-                "fault": fault,
             },
             torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
@@ -184,28 +145,96 @@ def make_trainer(
                 placement_strategy=settings.placement_strategy,
             ),
             run_config=RunConfig(
-                name=ray_run_name(settings, model_config),
+                name=plan.name,
                 storage_path=settings.storage_path,
                 failure_config=FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
             ),
-            datasets={"train": _train_dataset(train_dir, seed=settings.seed)},
+            datasets={"train": _train_dataset(plan)},
         )
 
 
-def _train_dataset(train_dir: str, *, seed: int) -> ray.data.Dataset:
+def _check_shards(plan: RunPlan) -> None:
+    """The train shards were made for this model: its anchors, canvas and class count."""
+    try:
+        metadata = check_compatible(dict(plan.train_manifest), plan.model_config)
+    except ValueError as err:
+        raise ValueError(f"{plan.train_dir}: {err}") from None
+    classes = len(metadata.get("categories", [])) + 1
+    if classes != plan.model_config.num_classes:
+        raise ValueError(
+            f"shards in {plan.train_dir} have {classes - 1} categories (+ background = {classes}), "
+            f"but the model config has num_classes={plan.model_config.num_classes}"
+        )
+
+
+def _warn_about_slow_settings(settings: TrainSettings) -> None:
+    if settings.amp == "bf16" and not settings.use_gpu:
+        log.warning(
+            "amp: bf16 on CPU was ~20x slower than fp32 on a CPU without bf16 instructions "
+            "(docs/benchmarks.md, Training): measure it on yours before keeping it"
+        )
+
+
+def _start_run(plan: RunPlan) -> RunRef:
+    """The plan's MLflow run (the same one when resuming), with the recipe as its params."""
+    run = open_run(plan)
+    log_params(
+        run,
+        {
+            "train": plan.settings.to_dict(),
+            "model": plan.model_config.to_dict(),
+            "data": {"shards_dir": plan.shards_dir},
+        },
+    )
+    return run
+
+
+def _fit(
+    trainer: TorchTrainer, *, run: RunRef, where: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Rank 0's summary and the weights of the last checkpoint; a run that does not finish
+    leaves its MLflow run FAILED (an error) or KILLED (Ctrl-C: Ray Train aborts it first)."""
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training in {where} left no checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+    except Exception:
+        end_run(run, status="FAILED")
+        raise
+    except BaseException:
+        end_run(run, status="KILLED")
+        raise
+    return result.return_value or {}, state
+
+
+def _write_model(state: dict[str, torch.Tensor], plan: RunPlan, path: Path) -> None:
+    """The model file: config, weights and the shards' categories (so it names its classes)."""
+    model = MaskRCNN(plan.model_config)
+    model.load_state_dict(state)
+    save_model(model, path, categories=plan.train_manifest.get("categories"))
+
+
+def _log_outputs(run: RunRef, out: Path) -> None:
+    client = MlflowClient(run.tracking_uri)
+    for name in (TRAIN.metrics, TRAIN.loss):
+        client.log_artifact(run.run_id, str(out / name), artifact_path="train")
+
+
+def _train_dataset(plan: RunPlan) -> ray.data.Dataset:
     """The train split, its blocks in a new order every epoch; rows are shuffled further in a
     small buffer on each worker (see the training loop).
 
     A split of at most ``CACHE_MAX_BYTES`` is read once and kept in Ray's object store, so an
     epoch does not re-read the files; a larger one streams from the files every epoch.
     """
-    manifest = read_manifest(train_dir)
-    dataset = ray_dataset(train_dir, manifest=manifest)
-    if manifest["counts"]["bytes_written"] <= CACHE_MAX_BYTES:
+    dataset = ray_dataset(plan.train_dir, manifest=plan.train_manifest)
+    if plan.train_manifest["counts"]["bytes_written"] <= CACHE_MAX_BYTES:
         dataset = dataset.materialize()
     return dataset.randomize_block_order(
-        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
+        seed=RandomSeedConfig(seed=plan.settings.seed, reseed_after_execution=True)
     )
 
 
@@ -220,15 +249,6 @@ def _quiet_data_progress() -> Iterator[None]:
         yield
     finally:
         context.enable_progress_bars = saved
-
-
-def _check_classes(metadata: dict[str, Any], model_config: ModelConfig, where: str) -> None:
-    classes = len(metadata.get("categories", [])) + 1
-    if classes != model_config.num_classes:
-        raise ValueError(
-            f"shards in {where} have {classes - 1} categories (+ background = {classes}), "
-            f"but the model config has num_classes={model_config.num_classes}"
-        )
 
 
 def _final_metrics(

@@ -29,8 +29,7 @@ from maskrcnn.config import ModelConfig, RoIConfig, RPNConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.coco.shapes import write_shapes_dataset
 from pipeline.config.params import load_params, model_config
-from pipeline.config.settings import TrainSettings
-from pipeline.registry.tracking import TrackingSettings
+from pipeline.config.settings import TrackingSettings, TrainSettings
 from pipeline.shards.preprocess import preprocess_split
 from pipeline.shards.schema import read_manifest
 from pipeline.training.progress import LOSS_NAMES

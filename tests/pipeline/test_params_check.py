@@ -4,32 +4,39 @@ from __future__ import annotations
 
 import inspect
 import typing
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 import yaml
 
+from maskrcnn.config import ModelConfig
 from pipeline.coco.shapes import write_shapes_dataset
-from pipeline.config.check import SECTION_KEYS, SECTIONS
+from pipeline.config.check import SCHEMAS, SECTIONS
 from pipeline.config.params import load_params
+from pipeline.config.settings import (
+    EvaluateSettings,
+    PreprocessSettings,
+    RegisterSettings,
+    Section,
+    ShapesSettings,
+)
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.registry.register import register
-from pipeline.registry.tracking import TrackingSettings
 from pipeline.shards.preprocess import preprocess_split
 from stages.check_params import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Each function-backed section: the function its stage passes it to, and the arguments that the
-# stage supplies itself (never from the section).
+# Each settings class that a stage splats into a function (``**settings.to_dict()``): the
+# function, and the arguments that the stage supplies itself (or leaves to their default).
 CONSUMERS = {
-    "shapes": (write_shapes_dataset, {"out_dir"}),
-    "preprocess": (
+    ShapesSettings: (write_shapes_dataset, {"out_dir"}),
+    PreprocessSettings: (
         preprocess_split,
         {"annotation_file", "images_dir", "out_dir", "model_config", "ray_address"},
     ),
-    "evaluate": (
+    EvaluateSettings: (
         evaluate,
         {
             "model_path",
@@ -41,30 +48,34 @@ CONSUMERS = {
             "tracking_run",
         },
     ),
-    "register": (
+    RegisterSettings: (
         register,
         {"model_path", "eval_metrics", "run_info", "out_path", "categories"},
     ),
 }
 
 
-@pytest.mark.parametrize("section", sorted(CONSUMERS))
-def test_declared_keys_are_the_consumers_arguments(section):
-    function, supplied = CONSUMERS[section]
-    hints = typing.get_type_hints(function)
-    arguments = {n for n in inspect.signature(function).parameters if n not in supplied}
-    assert set(SECTION_KEYS[section]) == arguments
-    for key, kind in SECTION_KEYS[section].items():
-        assert kind == hints[key], f"{section}.{key}"
+@pytest.mark.parametrize("settings", list(CONSUMERS), ids=lambda cls: cls.SECTION)
+def test_settings_are_the_consumers_keyword_arguments(settings):
+    """The keys, types and defaults a params section may set are the keyword arguments of
+    the function its stage passes them to: a direct call and the stage behave alike."""
+    function, supplied = CONSUMERS[settings]
+    hints, declared = typing.get_type_hints(function), typing.get_type_hints(settings)
+    parameters = inspect.signature(function).parameters
+    assert {f.name for f in fields(settings)} == set(parameters) - supplied
+    for field in fields(settings):
+        assert declared[field.name] == hints[field.name], f"{settings.SECTION}.{field.name}"
+        default = inspect.Parameter.empty if field.default is MISSING else field.default
+        assert parameters[field.name].default == default, f"{settings.SECTION}.{field.name}"
 
 
-def test_tracking_keys_are_the_settings_fields():
-    hints = typing.get_type_hints(TrackingSettings)
-    assert SECTION_KEYS["tracking"] == {f.name: hints[f.name] for f in fields(TrackingSettings)}
-
-
-def test_every_section_has_a_schema():
-    assert set(SECTIONS) == {*SECTION_KEYS, "model", "train"}
+def test_every_section_has_a_schema_that_its_stage_builds():
+    assert tuple(SCHEMAS) == SECTIONS
+    assert set(SECTIONS) == {
+        "data", "shapes", "model", "preprocess", "train", "evaluate", "register", "tracking", "ray",
+    }  # fmt: skip
+    for name, schema in SCHEMAS.items():
+        assert schema is ModelConfig or (issubclass(schema, Section) and name == schema.SECTION)
 
 
 def test_project_params_are_a_complete_valid_file():
@@ -99,6 +110,11 @@ def project_params() -> dict:
         ("tracking", "url", "x", r"unknown key tracking\.url"),
         ("ray", "address", 6379, r"ray\.address must be a string or null"),
         ("data", "shards_dir", ["a"], r"data\.shards_dir must be a string"),
+        ("shapes", "n_val", 1.5, r"shapes\.n_val must be an integer"),
+        ("preprocess", "progress", "no", r"preprocess\.progress must be true or false"),
+        ("evaluate", "concurrency", "many", r'evaluate\.concurrency must be an integer or "auto"'),
+        ("evaluate", "concurrency", True, r'evaluate\.concurrency must be an integer or "auto"'),
+        ("register", "tracking_uri", 5, r"register\.tracking_uri must be a string or null"),
     ],
 )
 def test_a_bad_key_is_named_with_the_file(tmp_path, section, key, value, named):
@@ -117,6 +133,36 @@ def test_an_out_of_range_value_is_named(tmp_path):
     raw["model"]["canvas"] = 100
     with pytest.raises(ValueError, match=r"params\.yaml: invalid model section: .*canvas"):
         load_params(write(tmp_path, raw))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "named"),
+    [
+        ("shapes", "min_side", 8, "min_side <= max_side"),
+        ("shapes", "crowd_fraction", 1.5, "crowd_fraction must be in"),
+        ("preprocess", "image_format", "webp", "image_format must be one of"),
+        ("preprocess", "jpeg_quality", 0, "jpeg_quality must be in 1..100"),
+        ("preprocess", "rows_per_shard", 0, "rows_per_shard must be >= 1"),
+        ("evaluate", "batch_size", 0, "batch_size must be >= 1"),
+        ("evaluate", "concurrency", 0, "concurrency must be an integer >= 1"),
+        ("evaluate", "score_threshold", 2.0, "score_threshold must be in"),
+        ("register", "min_segm_ap", 1.5, "min_segm_ap must be in"),
+        ("tracking", "experiment", "", "experiment must be a non-empty name"),
+    ],
+)
+def test_stage_settings_refuse_out_of_range_values_up_front(tmp_path, section, key, value, named):
+    raw = project_params()
+    raw[section][key] = value
+    with pytest.raises(ValueError, match=rf"params\.yaml: invalid {section} section: .*{named}"):
+        load_params(write(tmp_path, raw))
+
+
+def test_concurrency_is_a_count_or_auto(tmp_path):
+    for value in ("auto", 1, 3):
+        raw = project_params()
+        raw["evaluate"]["concurrency"] = value
+        assert load_params(write(tmp_path, raw)).settings(EvaluateSettings).concurrency == value
+    assert EvaluateSettings().concurrency == "auto"
 
 
 def test_yaml_exponent_without_a_dot_is_explained(tmp_path):
@@ -156,4 +202,4 @@ def test_command_line_checks_files(tmp_path, capsys):
     assert main([str(ROOT / "params.yaml"), str(bad)]) == 1
     captured = capsys.readouterr()
     assert "params.yaml: ok" in captured.out
-    assert "train.stpes" in captured.err
+    assert "error: " in captured.err and "train.stpes" in captured.err

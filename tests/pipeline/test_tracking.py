@@ -1,14 +1,18 @@
 """MLflow tracking helpers: URI resolution, the cluster refusal, and a real SQLite store."""
 
+import socket
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.config.errors import Unreachable
 from pipeline.registry.tracking import (
     RunRef,
     attached_run,
+    check_server,
     check_uri_for_cluster,
     end_run,
     find_project_root,
@@ -56,6 +60,23 @@ def test_local_uri_is_refused_only_on_more_than_one_node():
     check_uri_for_cluster("http://tracking:5000", node_count=3)
     with pytest.raises(ValueError, match=r"mlflow server.*tracking\.uri"):
         check_uri_for_cluster("sqlite:////x/mlflow.db", node_count=2)
+
+
+def test_an_unreachable_tracking_server_is_named_at_once():
+    started = time.perf_counter()
+    with pytest.raises(Unreachable, match=r"http://127\.0\.0\.1:9 at 127\.0\.0\.1:9 does not "
+                       r"answer \(Connection refused\).*mlflow server.*tracking\.uri"):  # fmt: skip
+        check_server("http://127.0.0.1:9")
+    assert time.perf_counter() - started < 2  # MLflow's own client would retry for minutes
+    with pytest.raises(Unreachable, match="register.tracking_uri"):
+        check_server("http://127.0.0.1:9/", setting="register.tracking_uri")
+
+
+def test_a_listening_server_and_local_stores_pass_the_check():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        check_server(f"http://127.0.0.1:{server.getsockname()[1]}")
+    for uri in ("sqlite:////x/mlflow.db", "file:///x/mlruns", "databricks", "/x/mlruns"):
+        check_server(uri)
 
 
 def test_project_root_is_the_nearest_directory_with_params(tmp_path):
