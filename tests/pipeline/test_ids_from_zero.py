@@ -1,9 +1,9 @@
 """COCO exports whose ids start at 0 (labelme, CVAT) score exactly: ground truth submitted as
 predictions gives bbox and segm AP 1.0.
 
-pycocotools marks "no match" with 0, so an annotation with id 0 was never found (AP 0.72 on the
-dataset below before the ground truth was renumbered). The dataset also lists category 0 as
-labelme's unused ``_background_``, and writes ``iscrowd`` as strings, as some exporters do.
+pycocotools marks "no match" with 0, so an annotation with id 0 was never found until the ground
+truth was renumbered. The dataset also lists category 0 as labelme's unused ``_background_``,
+and writes ``iscrowd`` as strings, as some exporters do.
 """
 
 from __future__ import annotations
