@@ -32,7 +32,7 @@ _BASE = np.asarray(  # smooth colours, as photos have, so JPEG keeps detail to g
     )
 )
 _GREY = _BASE[..., 0]
-_PALETTE = Image.fromarray(_BASE).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+_PALETTE = Image.fromarray(_BASE).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
 _RGBA = np.dstack([_BASE, _GREY])
 _CASES = {
     "jpeg 4:2:0": (Image.fromarray(_BASE), "JPEG", {"quality": 90, "subsampling": 2}),
