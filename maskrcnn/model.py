@@ -49,8 +49,9 @@ class MaskRCNN(nn.Module):
         validate_images(images, self.config)
         check = validate_targets(targets, images.shape[0], self.config) if self.training else None
         features = list(self.backbone(self.normalize(images)).values())  # P2..P6
-        proposals, rpn_losses = self.rpn(features, targets)
-        if check is not None:
-            check.raise_if_bad()  # an accelerator's check, read once the RPN has synced
+        # An accelerator's value check is read once the RPN's proposals have synced anyway.
+        proposals, rpn_losses = self.rpn(
+            features, targets, before_loss=check.raise_if_bad if check else None
+        )
         detections, roi_losses = self.roi_heads(features[:4], proposals, targets)
         return {**rpn_losses, **roi_losses} if self.training else detections

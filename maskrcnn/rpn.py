@@ -10,6 +10,8 @@ top-k boxes rather than every anchor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,14 +85,22 @@ class RPN(nn.Module):
         return self._device_cache[device]
 
     def forward(
-        self, features: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+        self,
+        features: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        before_loss: Callable[[], None] | None = None,
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """``features`` P2..P6 -> (proposals per image ``[n_i, 4]``, losses when training)."""
+        """``features`` P2..P6 -> (proposals per image ``[n_i, 4]``, losses when training).
+
+        ``before_loss`` runs between the proposals (which sync with the host) and the loss
+        (whose gathers would fail on the device with an out-of-range anchor index)."""
         objectness, deltas = flatten_head_outputs(*self.head(features))
         proposals = self.propose(objectness.detach().float(), deltas.detach().float())
         if not self.training:
             return proposals, {}
         assert targets is not None, "training needs targets"
+        if before_loss is not None:
+            before_loss()
         sample = self.anchor_sample(targets, objectness.device)
         loss_objectness, loss_rpn_box_reg = rpn_loss(objectness, deltas, sample)
         return proposals, {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}

@@ -4,7 +4,8 @@ inside a kernel or a NaN loss many steps later.
 Shape and dtype checks are plain Python. Value checks (finite boxes, positive box sizes, label
 and anchor-index ranges) are reduced on the tensors' device. On the CPU they are read at once;
 on an accelerator they are copied to pinned host memory without waiting, and the model reads
-them after the RPN, whose own syncs have let the copy land by then: no extra host sync per step.
+them after the RPN's proposals (which sync anyway, so the copy has landed) and before anything
+that indexes with the targets: no extra host sync per step.
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
-"""Small configurations and synthetic batches for the model tests, offered as fixtures."""
+"""Small configurations and synthetic batches for the model tests, offered as fixtures.
+
+``MASKRCNN_TEST_DEVICE=cuda`` runs the tests that take the ``device`` fixture on that device
+(bench/gpu_check.sh does); by default they run on the CPU.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -122,3 +128,23 @@ def with_rpn_sample():
 def toy_batch():
     """``toy_batch(config)`` -> two images with three instances and their RPN samples."""
     return _toy_batch
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the device-aware tests: ``MASKRCNN_TEST_DEVICE`` (default cpu)."""
+    name = os.environ.get("MASKRCNN_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"MASKRCNN_TEST_DEVICE={name} but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def to_device(device):
+    """``to_device(images, targets)`` -> both on the test device."""
+
+    def move(images: Tensor, targets: list[dict[str, Tensor]] | None = None):
+        moved = [{k: v.to(device) for k, v in t.items()} for t in targets or []]
+        return images.to(device), moved
+
+    return move

@@ -8,7 +8,9 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn import MaskRCNN
+from maskrcnn.backbone import FrozenBatchNorm2d as FrozenBN
 from maskrcnn.backbone import build_backbone
+from maskrcnn.roi_heads import mask_loss, mask_targets
 
 LOSS_NAMES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
 
@@ -173,3 +175,61 @@ def test_trainable_backbone_layers_freeze_the_lower_stages(small_config):
     assert trainable == {"layer3", "layer4"}
     everything = build_backbone(small_config(trainable_backbone_layers=5)).body
     assert all(p.requires_grad for p in everything.parameters())
+
+
+def _frozen_bn_with_statistics(channels: int) -> FrozenBatchNorm2d:
+    gen = torch.Generator().manual_seed(0)
+    norm = FrozenBatchNorm2d(channels)
+    norm.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
+    norm.bias.copy_(torch.randn(channels, generator=gen))
+    norm.running_mean.copy_(torch.randn(channels, generator=gen))
+    norm.running_var.copy_(torch.rand(channels, generator=gen) + 0.1)
+    return norm
+
+
+def test_frozen_bn_computes_in_its_input_dtype_and_as_torchvision_in_float32():
+    theirs = _frozen_bn_with_statistics(8)
+    ours = FrozenBN(8)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(ours(x), theirs(x))
+    half = x.bfloat16()
+    assert theirs(half).dtype == torch.float32  # what kept the trunk in float32 under autocast
+    assert ours(half).dtype == torch.bfloat16
+    torch.testing.assert_close(ours(half).float(), theirs(half), rtol=2e-2, atol=2e-2)
+
+
+def test_frozen_bn_backbone_stays_in_the_autocast_dtype(small_config):
+    net = build_backbone(small_config(norm="frozen_bn", canvas=64)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net.body.bn1(net.body.conv1(torch.rand(1, 3, 64, 64))).dtype == torch.bfloat16
+
+
+def test_soft_mask_targets_reach_the_loss_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 28, 28, generator=gen).bfloat16()
+    labels = torch.tensor([1, 3, 2])
+    targets = torch.rand(3, 28, 28, generator=gen)  # soft: RoIAlign of binary masks
+    picked = logits[torch.arange(3), labels].float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(picked, targets)
+    assert torch.equal(mask_loss(logits, labels, targets), expected)
+
+
+def test_mask_targets_are_float32_under_autocast():
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[:, 10:40, 12:50] = 1
+    boxes = torch.tensor([[8.3, 9.1, 41.7, 44.2], [11.0, 11.0, 30.0, 52.5]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mask_targets([masks], [boxes], [torch.tensor([0, 1])], 28)
+    assert got.dtype == torch.float32 and got.shape == (2, 28, 28)
+    assert ((got > 0) & (got < 1)).any()  # soft edges survive
+
+
+def test_training_under_bf16_autocast_gives_float32_losses(small_config, toy_batch):
+    config = small_config(norm="frozen_bn")
+    images, targets = toy_batch(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = MaskRCNN(config).train()(images, targets)
+    assert set(losses) == LOSS_NAMES
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_mask"].dtype == torch.float32

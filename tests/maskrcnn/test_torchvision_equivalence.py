@@ -50,7 +50,7 @@ def assert_same_detections(ours: list[dict[str, Tensor]], theirs: list[dict[str,
         torch.testing.assert_close(mine["masks"], ref["masks"], rtol=0, atol=1e-4)
 
 
-def test_resnet50_state_dict_loads_strictly_and_detections_match():
+def test_resnet50_state_dict_loads_strictly_and_detections_match(device):
     """torchvision's own R50-FPN Mask R-CNN; fewer proposals and detections than the defaults
     (on both sides) only to keep the mask head's share of the test short."""
     canvas, num_classes, proposals, detections = 128, 5, 300, 30
@@ -74,7 +74,9 @@ def test_resnet50_state_dict_loads_strictly_and_detections_match():
     )
     ours = MaskRCNN(config)
     ours.load_state_dict(theirs.state_dict(), strict=True)
+    ours, theirs = ours.to(device), theirs.to(device)
     image = torch.rand(1, 3, canvas, canvas, generator=torch.Generator().manual_seed(1))
+    image = image.to(device)
     with torch.no_grad():
         expected = theirs.eval()(list(image))
         got = ours.eval()(image)
@@ -123,7 +125,9 @@ class FixedAnchorSample:
         return pos, neg
 
 
-def test_training_losses_match_torchvision_given_the_same_samples(small_config, toy_batch):
+def test_training_losses_match_torchvision_given_the_same_samples(
+    small_config, toy_batch, to_device
+):
     """Same anchor sample (ours precomputed, fed to torchvision's sampler) and the same RNG state
     for the proposal sampler: the five losses must agree, the empty image included."""
     config = small_config(norm="frozen_bn")
@@ -143,6 +147,8 @@ def test_training_losses_match_torchvision_given_the_same_samples(small_config, 
     empty_sample["rpn_deltas"] = torch.zeros(256, 4)
     images = torch.cat([images, images[:1]])
     targets = [*targets, {**empty, **empty_sample}]
+    images, targets = to_device(images, targets)
+    ours, twin = ours.to(images.device), twin.to(images.device)
 
     twin.rpn.fg_bg_sampler = FixedAnchorSample(targets)
     plain = [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets]
@@ -170,7 +176,7 @@ def test_training_losses_match_torchvision_given_the_same_samples(small_config, 
         torch.testing.assert_close(grad, theirs[name].grad, rtol=1e-3, atol=1e-6)
 
 
-def test_batched_eval_matches_torchvision(small_config, toy_batch):
+def test_batched_eval_matches_torchvision(small_config, toy_batch, device):
     config = small_config(
         norm="frozen_bn",
         roi=RoIConfig(score_thresh=0.0, representation_size=64, mask_layers=(32, 32)),
@@ -179,7 +185,8 @@ def test_batched_eval_matches_torchvision(small_config, toy_batch):
     ours = MaskRCNN(config)
     perturb(ours)
     twin = torchvision_twin(ours)
-    images, _ = toy_batch(config)
+    images = toy_batch(config)[0].to(device)
+    ours, twin = ours.to(device), twin.to(device)
     with torch.no_grad():
         assert_same_detections(ours.eval()(images), twin.eval()(list(images)))
 

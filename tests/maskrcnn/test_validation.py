@@ -9,8 +9,8 @@ from maskrcnn import MaskRCNN
 
 
 @pytest.fixture(scope="module")
-def model(small_config):
-    return MaskRCNN(small_config(canvas=64)).train()
+def model(small_config, device):
+    return MaskRCNN(small_config(canvas=64)).train().to(device)
 
 
 def good_batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -47,8 +47,8 @@ def test_bad_images(model, case):
         model(images, good_batch()[1])
 
 
-def test_the_good_batch_passes(model):
-    images, targets = good_batch()
+def test_the_good_batch_passes(model, to_device):
+    images, targets = to_device(*good_batch())
     assert set(model(images, targets)) == {
         "loss_objectness",
         "loss_rpn_box_reg",
@@ -86,9 +86,11 @@ TARGET_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(TARGET_CASES))
-def test_bad_targets(model, case):
+def test_bad_targets(model, to_device, case):
+    """On an accelerator the value checks are read back late (after the RPN's proposals): they
+    must still raise before anything indexes with a bad label or anchor index."""
     (key, value), message = TARGET_CASES[case]
-    images, targets = with_change(key, value)
+    images, targets = to_device(*with_change(key, value))
     with pytest.raises(ValueError, match=message):
         model(images, targets)
 
