@@ -22,6 +22,7 @@ load average at the start and end of every run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -45,9 +46,8 @@ from maskrcnn.config import ModelConfig  # noqa: E402
 from maskrcnn.model import MaskRCNN  # noqa: E402
 from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
 from pipeline.config.params import load_params, model_config  # noqa: E402
-from pipeline.config.settings import TrainSettings  # noqa: E402
+from pipeline.config.settings import TrackingSettings, TrainSettings  # noqa: E402
 from pipeline.io.ray_runtime import ensure_ray  # noqa: E402
-from pipeline.registry.tracking import TrackingSettings  # noqa: E402
 from pipeline.shards.preprocess import preprocess_split  # noqa: E402
 from pipeline.shards.schema import read_manifest  # noqa: E402
 from pipeline.training.trainer import train  # noqa: E402
@@ -88,7 +88,8 @@ class CocoFiles(Dataset):
     """The torchvision references' way: every sample decoded and transformed when asked for."""
 
     def __init__(self, annotation_file: Path, images_dir: Path, canvas: int) -> None:
-        self.coco = COCO(str(annotation_file))
+        with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints; stdout is the JSON
+            self.coco = COCO(str(annotation_file))
         self.ids = sorted(self.coco.getImgIds())
         self.labels = {cid: i + 1 for i, cid in enumerate(sorted(self.coco.getCatIds()))}
         self.images_dir, self.canvas = images_dir, canvas
