@@ -3,8 +3,9 @@
 ``read_coco`` parses the annotation file with pycocotools semantics and checks every record:
 file-level problems (a missing, empty or malformed file, duplicate image ids, no usable image)
 are a ``DataError`` that names the file, the record and the reason; a bad record (an unsafe
-file name, an annotation on an unknown image or category, geometry outside the image) becomes
-a counted ``Skip`` with its reason. Image files are opened later, by ``load_image``, which
+file name, or one that leads out of the images directory through a symbolic link; an annotation
+on an unknown image or category, geometry outside the image) becomes a counted ``Skip`` with
+its reason. Image files are opened later, by ``load_image``, which
 raises ``DataError`` for a missing, unreadable or wrongly sized file so that the caller
 (preprocess) can count it as a skip. docs/data.md lists every case and why it is an error or
 a skip.
