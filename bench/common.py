@@ -7,7 +7,10 @@ import argparse
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
+
+import ray
 
 # Freed tensors leave the process at once with this glibc threshold, so that a peak RSS follows
 # the live tensors instead of the allocator's caching.
@@ -49,3 +52,20 @@ def peak_rss_mb() -> float:
 def load_average() -> list[float]:
     """The 1, 5 and 15-minute load averages: how busy the machine was (2 cores: 2.0 = full)."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def start_local_ray(*, attempts: int = 3, **init_kwargs) -> None:
+    """``ray.init(address="local", ...)``, tried again when the node does not come up in time.
+
+    Ray gives a new node 30 s to register; on a machine loaded far beyond its cores that is
+    not always enough, and a benchmark should wait for its Ray rather than fail.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **init_kwargs)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(error) or attempt == attempts:
+                raise
+            ray.shutdown()
+            time.sleep(5)

@@ -42,7 +42,13 @@ from pycocotools.coco import COCO
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_shapes_args, load_average, peak_rss_mb, run_fresh_child  # noqa: E402
+from common import (  # noqa: E402
+    add_shapes_args,
+    load_average,
+    peak_rss_mb,
+    run_fresh_child,
+    start_local_ray,
+)
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
@@ -59,7 +65,7 @@ def build_data(root: Path, *, images: int, canvas: int, min_side: int, max_side:
         "annotation_file": root / "annotations" / "instances_train.json",
         "images_dir": root / "images" / "train",
     }
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         preprocess_split(
             **source,
@@ -160,7 +166,7 @@ def interleaved_images_per_second(*loaders) -> list[float]:
 
 
 def through_ray(shards: Path, config: ModelConfig, batch: int) -> float:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         dataset = ray_dataset(shards, model_config=config)
         collate = make_collate_fn(config, flip_prob=0.5, seed=0)

@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     peak_rss_mb,
     run_fresh_child,
     run_json_child,
+    start_local_ray,
 )
 
 from maskrcnn.anchors import anchor_grid  # noqa: E402
@@ -155,9 +156,7 @@ def child(args: argparse.Namespace) -> dict:
     config = ModelConfig(num_classes=6, canvas=args.canvas)
     with tempfile.TemporaryDirectory() as tmp:
         source = make_dataset(Path(tmp) / "data", args, args.images)
-        ray.init(
-            address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False
-        )
+        start_local_ray(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         run = {"model_config": config, "rows_per_shard": args.rows_per_shard, "progress": False}
         try:
             if args.child == "throughput":

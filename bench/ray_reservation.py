@@ -18,7 +18,7 @@ import time
 
 import pyarrow as pa
 import ray
-from common import load_average
+from common import load_average, start_local_ray
 
 
 def sleepy_task(batch: pa.Table, *, seconds: float) -> pa.Table:
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     load_at_start = load_average()
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
         one_pass(tasks=args.cpus, seconds=0.01, reservation=False)  # workers start, imports
         runs: dict[str, list] = {"reservation_on": [], "reservation_off": []}

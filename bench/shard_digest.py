@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import ray
-from common import load_average, run_json_child
+from common import load_average, run_json_child, start_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the modules were before and after the re-layout (commit 6e1c562).
@@ -55,7 +55,7 @@ def child(args: argparse.Namespace) -> dict:
     preprocess_split = module.preprocess_split
     data, out = Path(args.data), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         preprocess_split(
             annotation_file=data / "annotations" / "instances_train.json",

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import load_average  # noqa: E402
+from common import load_average, start_local_ray  # noqa: E402
 from loader import resize_to_canvas, torchvision_style_sample  # noqa: E402
 from model_step import synthetic_batch, torchvision_twin  # noqa: E402
 
@@ -280,6 +280,7 @@ def prepare_data(args: argparse.Namespace, params, root: Path) -> ModelConfig:
     write_shapes_dataset(
         data, n_train=args.images, n_val=1, seed=0, min_side=args.min_side, max_side=args.max_side
     )
+    start_local_ray(include_dashboard=True, log_to_driver=True)  # as ensure_ray, retried
     ensure_ray(None)
     preprocess_split(
         annotation_file=data / "annotations" / "instances_train.json",
