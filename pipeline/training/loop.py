@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -30,7 +30,10 @@ from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.config.settings import TrainSettings
 from pipeline.registry.tracking import RunRef, attached_run, log_metrics
+from pipeline.training.device import configure_device, ddp_kwargs
+from pipeline.training.faults import FAULT_ENV, FaultDrill
 from pipeline.training.loader import make_collate_fn
+from pipeline.training.metrics_sender import MetricsSender
 from pipeline.training.progress import LossWindow, ThroughputMeter, progress_line
 from pipeline.training.schedule import make_optimizer, make_scheduler
 from pipeline.training.state import (
@@ -52,7 +55,8 @@ WORKER_NODES_TAG = "ray.worker_node_ids"
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. ``config``: ``settings`` and ``model`` (dicts), ``run`` (RunRef
-    fields or None), optional ``fault`` (see :func:`_maybe_fail`). Rank 0 returns a summary."""
+    fields or None). Rank 0 returns a summary. A fault drill, if any, comes from the
+    ``MASKRCNN_FAULT`` environment variable (:mod:`pipeline.training.faults`)."""
     settings = TrainSettings.from_dict(config["settings"])
     model_config = ModelConfig.from_dict(config["model"])
     context = ray.train.get_context()
@@ -60,31 +64,55 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if not settings.use_gpu:
         torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
 
-    trainer = _Trainer(settings=settings, model_config=model_config, rank=rank, world=world)
+    trainer = WorkerTrainer(
+        settings=settings,
+        model_config=model_config,
+        rank=rank,
+        world=world,
+        device=ray.train.torch.get_device(),
+        drill=FaultDrill.parse(os.environ.get(FAULT_ENV)),
+    )
     resumed_from = trainer.restore(ray.train.get_checkpoint())
     run = RunRef(**config["run"]) if config.get("run") and rank == 0 else None
     nodes = trainer.node_ids()
     tracking = attached_run(run) if run else contextlib.nullcontext()
     with tracking as client:
+        sender = None
         if run:
             client.set_tag(run.run_id, WORKER_NODES_TAG, ",".join(nodes))
-        trainer.fit(
-            ray.train.get_dataset_shard("train"),
-            log_fn=(lambda m, step: log_metrics(client, run, m, step=step)) if run else None,
-            fault=config.get("fault"),
-        )
-    return {"resumed_from": resumed_from, **trainer.summary(), "replicas": trainer.replicas()}
+            sender = MetricsSender(lambda m, step: log_metrics(client, run, m, step=step))
+        try:
+            trainer.fit(ray.train.get_dataset_shard("train"), log_fn=sender.put if sender else None)
+        finally:
+            unsent = sender.close() if sender else 0
+    tracking_summary = {"metrics_unsent": unsent}
+    if sender:
+        tracking_summary.update(metrics_late=sender.late, metrics_send_failures=sender.failures)
+    return {
+        "resumed_from": resumed_from,
+        **trainer.summary(),
+        **tracking_summary,
+        "replicas": trainer.replicas(),
+    }
 
 
-class _Trainer:
+class WorkerTrainer:
     """Model, optimizer and progress of one worker; ``fit`` runs steps until ``settings.steps``."""
 
     def __init__(
-        self, *, settings: TrainSettings, model_config: ModelConfig, rank: int, world: int
+        self,
+        *,
+        settings: TrainSettings,
+        model_config: ModelConfig,
+        rank: int,
+        world: int,
+        device: torch.device,
+        drill: FaultDrill | None = None,
     ) -> None:
         self.settings, self.rank, self.world = settings, rank, world
         self.model_config = model_config
-        self.device = ray.train.torch.get_device()
+        self.device, self.drill = device, drill
+        configure_device(device, amp=settings.amp)
         seed_everything(settings.seed)  # identical initial weights on every rank
         self.module = MaskRCNN(model_config).to(self.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -92,6 +120,7 @@ class _Trainer:
         self.scheduler = make_scheduler(self.optimizer, settings)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
         self.progress = Progress()
+        self.window = LossWindow(device)
         self.meter = ThroughputMeter()
         self.model: torch.nn.Module = self.module
 
@@ -109,13 +138,16 @@ class _Trainer:
                     optimizer=self.optimizer,
                     scheduler=self.scheduler,
                     scaler=self.scaler,
+                    device=self.device,
                 )
             if self.rank == 0:
                 p = self.progress
                 log.info(
                     "resuming at step %d, epoch %d, batch %d", p.step, p.epoch, p.batch_in_epoch
                 )
-        self.model = ray.train.torch.prepare_model(self.module)
+        self.model = ray.train.torch.prepare_model(
+            self.module, parallel_strategy_kwargs=ddp_kwargs(self.model_config)
+        )
         # New draws after a restart, not a replay of the failed attempt's random stream.
         self.collate = make_collate_fn(
             self.model_config,
@@ -139,27 +171,27 @@ class _Trainer:
             result.note,
         )
 
-    def fit(self, shard: Any, *, log_fn: Any, fault: dict[str, Any] | None) -> None:
+    def fit(self, shard: Any, *, log_fn: Any) -> None:
         s = self.settings
-        window = LossWindow(self.device)
         self.model.train()
         micro = 0
         while self.progress.step < s.steps:
             for images, targets, wait_s in self._epoch_batches(shard):
                 micro += 1
-                sync = micro == s.grad_accum
-                window.add(self._forward_backward(images, targets, sync=sync))
+                self.micro_step(images, targets, last=micro == s.grad_accum)
                 self.meter.add(images=images.shape[0] * self.world, wait_s=wait_s)
-                if not sync:
+                if micro < s.grad_accum:
                     continue
                 micro = 0
-                self._optimizer_step()
+                self.optimizer_step()
                 step = self.progress.step
+                self._fault("exit", step)
                 if step % s.log_every == 0 or step == s.steps:
-                    self._log(window.reduce(self.world), log_fn)
+                    self._log(self.window.reduce(self.world), log_fn)
                 if step % s.checkpoint_every == 0 or step == s.steps:
+                    self._check_finite()
                     self._checkpoint()
-                _maybe_fail(fault, step=step, rank=self.rank)
+                    self._fault("after_checkpoint", step)
                 if step >= s.steps:
                     return
             self.progress.epoch += 1
@@ -199,11 +231,16 @@ class _Trainer:
                 f"batch_per_worker={self.settings.batch_per_worker} images"
             )
 
-    def _forward_backward(
-        self, images: torch.Tensor, targets: list, *, sync: bool
-    ) -> dict[str, torch.Tensor]:
+    def micro_step(self, images: torch.Tensor, targets: list, *, last: bool) -> None:
+        """Forward and backward of one micro-batch; gradients accumulate over ``grad_accum``
+        micro-batches (DDP all-reduces them with the ``last`` one) into one optimizer step.
+
+        No host sync here: the losses stay on the device, in the loss window, whose sums turn
+        non-finite with the first non-finite loss and are checked when they are read anyway
+        (each log step) and before each checkpoint (:meth:`_check_finite`).
+        """
         s = self.settings
-        no_sync = self.world > 1 and not sync and hasattr(self.model, "no_sync")
+        no_sync = self.world > 1 and not last and hasattr(self.model, "no_sync")
         autocast = (
             torch.autocast(self.device.type, dtype=AMP_DTYPES[s.amp])
             if s.amp != "none"
@@ -214,12 +251,10 @@ class _Trainer:
             with autocast:
                 losses = self.model(images, targets)
             total = sum(losses.values())
-            if not torch.isfinite(total):
-                raise FloatingPointError(diverged_message(losses, step=self.progress.step + 1))
             self.scaler.scale(total / s.grad_accum).backward()
-        return losses
+        self.window.add(losses)
 
-    def _optimizer_step(self) -> None:
+    def optimizer_step(self) -> None:
         if self.settings.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
@@ -229,11 +264,30 @@ class _Trainer:
         self.scheduler.step()
         self.progress.step += 1
 
+    def _check_finite(self) -> None:
+        """Never checkpoint weights that a non-finite loss has reached (one sync)."""
+        if not self.window.finite(self.world):
+            losses = self.window.reduce(self.world)
+            raise FloatingPointError(diverged_message(losses, step=self.progress.step))
+
+    def _fault(self, kind: str, step: int) -> None:
+        if self.drill and self.drill.due(kind=kind, step=step, rank=self.rank):
+            self.drill.fire("exits" if kind == "exit" else "exits after its checkpoint")
+
     def _log(self, losses: dict[str, float], log_fn: Any) -> None:
         step, s = self.progress.step, self.settings
+        if not math.isfinite(losses["loss"]):
+            raise FloatingPointError(diverged_message(losses, step=step))
         images_per_s, wait = self.meter.window()
         lr = self.optimizer.param_groups[0]["lr"]
-        row = {"step": step, "lr": lr, **losses, "images_per_s": images_per_s, "data_wait": wait}
+        row = {
+            "step": step,
+            "epoch": self.progress.epoch,
+            "lr": lr,
+            **losses,
+            "images_per_s": images_per_s,
+            "data_wait": wait,
+        }
         self.progress.history.append(row)
         if self.rank != 0:
             return
@@ -258,6 +312,11 @@ class _Trainer:
         metrics = {"step": self.progress.step, "epoch": self.progress.epoch}
         if self.progress.history:
             metrics["loss"] = self.progress.history[-1]["loss"]
+        step = self.progress.step
+        drill = self.drill
+        upload = None  # Ray's own copy to storage
+        if drill and drill.due(kind="checkpoint_write", step=step, rank=self.rank):
+            upload = drill.partial_upload
         with tempfile.TemporaryDirectory() as directory:
             write_checkpoint(
                 directory,
@@ -267,11 +326,13 @@ class _Trainer:
                 scheduler=self.scheduler,
                 scaler=self.scaler,
                 progress=self.progress,
+                device=self.device,
             )
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
+                checkpoint_dir_name=f"checkpoint_{step:08d}",
+                checkpoint_upload_fn=upload,
             )
         # Ray registers a checkpoint when its controller next polls the workers (every 2 s):
         # wait for that, so that a crash from here on loses at most checkpoint_every steps.
@@ -308,25 +369,13 @@ class _Trainer:
         return gathered
 
 
-def diverged_message(losses: dict[str, torch.Tensor], *, step: int) -> str:
+def diverged_message(losses: dict[str, float], *, step: int) -> str:
     """Why training stops on a non-finite loss (as detectron2 does): every later step would
-    be NaN too, and a run that goes on logging NaN for an hour helps nobody."""
-    values = ", ".join(f"{name} {float(value):.4g}" for name, value in losses.items())
+    be NaN too, and a run that goes on logging NaN for an hour helps nobody. ``losses`` are
+    the means since the last log; the first non-finite one is at ``step`` or before."""
+    values = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
     return (
-        f"training diverged at step {step}: the loss is not finite ({values}). "
-        "Lower train.base_lr, lengthen train.warmup_steps or set train.grad_clip, "
-        "and run again."
+        f"training diverged at step {step}: the loss is not finite (means since the last "
+        f"log: {values}). Lower train.base_lr, lengthen train.warmup_steps or set "
+        "train.grad_clip, and run again."
     )
-
-
-def _maybe_fail(fault: dict[str, Any] | None, *, step: int, rank: int) -> None:
-    """Fault drill: ``{"step", "rank", "marker"}`` kills that rank's process right after that
-    step, once (the marker file records that it happened)."""
-    if not fault or step != fault["step"] or rank != fault["rank"]:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"killed rank {rank} after step {step}\n")
-    log.warning("fault drill: killing rank %d after step %d", rank, step)
-    os._exit(1)

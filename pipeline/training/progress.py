@@ -33,6 +33,13 @@ class LossWindow:
         self.sums += torch.cat([values.sum().reshape(1), values])
         self.count += 1
 
+    def finite(self, world: int) -> bool:
+        """Whether every loss since the last reduce was finite, on every rank (one sync)."""
+        flag = torch.isfinite(self.sums).all().to(torch.float64).reshape(1)
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def reduce(self, world: int) -> dict[str, float]:
         """Mean of each loss (and their sum, ``loss``) over the window, on every rank."""
         totals = torch.cat([self.sums, torch.tensor([self.count], device=self.device)])

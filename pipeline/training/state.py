@@ -4,10 +4,13 @@ A checkpoint directory (one per reported step, merged by Ray from every rank) ho
 
 - ``model_state.pt``: the model's state dict (rank 0);
 - ``train_state.pt``: optimizer, scheduler, grad scaler and :class:`Progress` (rank 0);
-- ``rng_rank<r>.pt``: the Python, NumPy and torch RNG states of rank ``r`` (every rank).
+- ``rng_rank<r>.pt``: the Python, NumPy and torch RNG states of rank ``r`` (every rank), with
+  the generator of that rank's own GPU only.
 
 DDP keeps the model and optimizer identical on every rank, so rank 0's copy restores all of
-them; the random streams differ per rank, so each rank keeps its own.
+them; the random streams differ per rank, so each rank keeps its own. A rank saves and restores
+only its own device's generator: Ray Train shows every worker of a node all of that node's GPUs,
+and a restarted worker group may see fewer of them than the one that saved.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+CPU = torch.device("cpu")
 MODEL_FILE = "model_state.pt"
 STATE_FILE = "train_state.pt"
 
@@ -69,23 +73,37 @@ def state_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def capture_rng() -> dict[str, Any]:
+def capture_rng(device: torch.device = CPU) -> dict[str, Any]:
+    """The host RNG states, and the generator state of ``device`` when it is a GPU."""
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def device_rng_state(saved: Any, device: torch.device) -> torch.Tensor | None:
+    """This device's generator state out of a saved ``cuda`` entry: the one state this module
+    writes, or an older checkpoint's list of every visible GPU's state, of which only the entry
+    of this device's index is used (None when the list has no such entry, or on CPU)."""
+    if device.type != "cuda" or saved is None:
+        return None
+    if isinstance(saved, torch.Tensor):
+        return saved
+    index = device.index or 0
+    return saved[index] if index < len(saved) else None
+
+
+def restore_rng(state: dict[str, Any], device: torch.device = CPU) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = device_rng_state(state.get("cuda"), device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def write_checkpoint(
@@ -97,8 +115,10 @@ def write_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     progress: Progress,
+    device: torch.device = CPU,
 ) -> None:
-    """Write this rank's part of a checkpoint into ``directory`` (``model`` unwrapped)."""
+    """Write this rank's part of a checkpoint into ``directory`` (``model`` unwrapped);
+    ``device`` is the rank's own device, whose generator state goes with the RNG states."""
     directory = Path(directory)
     if rank == 0:
         torch.save(model.state_dict(), directory / MODEL_FILE)
@@ -111,7 +131,7 @@ def write_checkpoint(
             },
             directory / STATE_FILE,
         )
-    torch.save(capture_rng(), directory / rng_file(rank))
+    torch.save(capture_rng(device), directory / rng_file(rank))
 
 
 def read_checkpoint(
@@ -122,11 +142,13 @@ def read_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    device: torch.device = CPU,
 ) -> Progress:
     """Restore everything ``write_checkpoint`` saved; return where training stands.
 
     A rank without its own RNG file (the run was resumed with more workers) keeps the
-    random state it was seeded with.
+    random state it was seeded with; so does ``device``'s generator when the file has no
+    state for it (see :func:`device_rng_state`).
     """
     directory = Path(directory)
     for name in (MODEL_FILE, STATE_FILE):
@@ -140,7 +162,7 @@ def read_checkpoint(
     scaler.load_state_dict(state["scaler"])
     rng_path = directory / rng_file(rank)
     if rng_path.exists():
-        restore_rng(torch.load(rng_path, weights_only=False))
+        restore_rng(torch.load(rng_path, map_location="cpu", weights_only=False), device)
     return Progress.from_dict(state["progress"])
 
 

@@ -2,7 +2,9 @@
 scores as a perfect set of detections against the original annotation file.
 
 This proves resizing, mask encoding and box scaling right in both directions. With a canvas at
-least as large as every image no information is lost; a smaller canvas is reported, not checked.
+least as large as every image no information is lost (boxes score 1.000; masks >= 0.97, the
+small loss being the resampling of masks to the canvas scale and back); a smaller canvas loses
+mask detail, and its scores are checked against what it measured.
 """
 
 from __future__ import annotations
@@ -80,15 +82,18 @@ def test_stored_ground_truth_scores_perfectly_on_a_canvas_as_large_as_the_images
     assert longest <= 128
     ap = _scores(source, tmp_path / "train", canvas=128)
     print(f"canvas 128 (images up to 128 px): bbox AP {ap['bbox']:.3f}, segm AP {ap['segm']:.3f}")
-    assert ap["bbox"] >= 0.98
-    assert ap["segm"] >= 0.95
+    # Measured: bbox 1.000, segm 0.976 (masks resampled to the canvas scale and back).
+    assert ap["bbox"] == pytest.approx(1.0, abs=1e-3)
+    assert ap["segm"] >= 0.97
 
 
 def test_report_a_canvas_smaller_than_the_images(source, tmp_path, record_property):
     ap = _scores(source, tmp_path / "train", canvas=64)
     record_property("canvas64_AP", ap)
     print(f"canvas 64 (images up to 128 px): bbox AP {ap['bbox']:.3f}, segm AP {ap['segm']:.3f}")
-    assert set(ap) == {"bbox", "segm"}
+    # Measured: bbox 0.994, segm 0.840: boxes survive half the resolution, mask edges do not.
+    assert ap["bbox"] >= 0.98
+    assert ap["segm"] >= 0.75
 
 
 def _images(source) -> list[dict]:

@@ -9,6 +9,7 @@ import torch
 from pipeline.training.progress import LOSS_NAMES, LossWindow, format_duration, progress_line
 from pipeline.training.state import (
     Progress,
+    device_rng_state,
     read_checkpoint,
     read_progress,
     seed_everything,
@@ -99,3 +100,42 @@ def test_progress_line_reads_well():
         "lr 2.00e-03 | 8.1 img/s | data wait 3% | ETA 1:02:05"
     )
     assert format_duration(59.6) == "0:01:00"
+
+
+def test_a_checkpoint_with_more_gpu_states_than_this_process_has_resumes(tmp_path):
+    """Each rank keeps its own GPU's generator only; an older checkpoint that holds every GPU
+    of its node (8 here, from ``get_rng_state_all``) restores on a process that has fewer
+    (none here: the CPU) instead of raising IndexError in ``set_rng_state_all``."""
+    model, optimizer, scheduler, scaler = parts(seed=0)
+    progress = Progress(step=2)
+    for rank in (0, 1):
+        write_checkpoint(
+            tmp_path,
+            rank=rank,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            progress=progress,
+        )
+    saved = torch.load(tmp_path / "rng_rank1.pt", weights_only=False)
+    assert "cuda" not in saved  # a CPU rank saves no GPU state
+    gpu_states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    torch.save({**saved, "cuda": gpu_states}, tmp_path / "rng_rank1.pt")
+    torch.set_rng_state(saved["torch"])
+    expected = torch.rand(1)  # the first draw after the save
+    torch.rand(5)  # the restore must bring the host stream back
+    restored = read_checkpoint(
+        tmp_path, rank=1, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+    )
+    assert restored == progress
+    torch.testing.assert_close(torch.rand(1), expected)
+
+
+def test_each_gpu_rank_takes_only_its_own_device_state():
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    assert torch.equal(device_rng_state(states, torch.device("cuda", 3)), states[3])
+    assert device_rng_state(states[:2], torch.device("cuda", 5)) is None  # fewer GPUs now
+    assert device_rng_state(states[6], torch.device("cuda", 0)) is states[6]  # one state
+    assert device_rng_state(states, torch.device("cpu")) is None
+    assert device_rng_state(None, torch.device("cuda", 0)) is None
