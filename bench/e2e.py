@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import logging
+import operator
 import os
 import statistics
 import sys
@@ -37,6 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torchvision_loop as tv  # noqa: E402
-from common import load_average  # noqa: E402
+from common import load_average, start_local_ray  # noqa: E402
 from model_step import synthetic_batch  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
@@ -102,6 +104,13 @@ def json_stdout() -> Iterator[Any]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def start_ray() -> None:
+    """The local Ray that ``ensure_ray`` starts, tried again if it is slow to come up."""
+    if not ray.is_initialized():
+        start_local_ray(include_dashboard=True, log_to_driver=True)
+    ensure_ray(None)
 
 
 def cores() -> int:
@@ -290,31 +299,23 @@ def eval_torchvision(model, data: Path, categories: list[dict], params: Params) 
 
 
 def spread(runs: list[dict[str, Any]], side: str) -> dict[str, Any]:
-    keys = ("images_per_s", "eval_images_per_s", "bbox_AP", "segm_AP", "steps", "startup_s")
+    """Mean, min and max over the seeds of one side's headline figures."""
     out = {}
-    for key in keys:
+    for key in ("images_per_s", "eval_images_per_s", "bbox_AP", "segm_AP", "steps", "startup_s"):
         values = [run[side][key] for run in runs]
-        out[key] = {
-            "mean": round(statistics.fmean(values), 4),
-            "min": min(values),
-            "max": max(values),
-        }
+        out[key] = dict(mean=round(statistics.fmean(values), 4), min=min(values), max=max(values))
     return out
 
 
 def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
-    def mean_ratio(key: str) -> float:
-        return round(statistics.fmean(r["ours"][key] / r["torchvision"][key] for r in runs), 3)
+    def mean(key: str, op) -> float:
+        return round(statistics.fmean(op(r["ours"][key], r["torchvision"][key]) for r in runs), 4)
 
     return {
-        "train_images_per_s_ours_over_torchvision": mean_ratio("images_per_s"),
-        "eval_images_per_s_ours_over_torchvision": mean_ratio("eval_images_per_s"),
-        "segm_AP_ours_minus_torchvision": round(
-            statistics.fmean(r["ours"]["segm_AP"] - r["torchvision"]["segm_AP"] for r in runs), 4
-        ),
-        "bbox_AP_ours_minus_torchvision": round(
-            statistics.fmean(r["ours"]["bbox_AP"] - r["torchvision"]["bbox_AP"] for r in runs), 4
-        ),
+        "train_images_per_s_ours_over_torchvision": mean("images_per_s", operator.truediv),
+        "eval_images_per_s_ours_over_torchvision": mean("eval_images_per_s", operator.truediv),
+        "bbox_AP_ours_minus_torchvision": mean("bbox_AP", operator.sub),
+        "segm_AP_ours_minus_torchvision": mean("segm_AP", operator.sub),
     }
 
 
@@ -322,9 +323,9 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     params = load_params(args.params)
     workers = args.workers or params.settings(TrainSettings).num_workers
     data, shards = root / "data", root / "shards"
-    started = time.perf_counter()
     dataset = make_dataset(data, args)
-    ensure_ray(None)
+    started = time.perf_counter()
+    start_ray()
     ray_s = time.perf_counter() - started
     preprocess_s = preprocess(data, shards, params)
     categories = read_manifest(shards / "train")["categories"]

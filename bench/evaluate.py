@@ -42,7 +42,6 @@ from common import load_average  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from pipeline.config.params import Params, load_params, model_config  # noqa: E402
-from pipeline.io.ray_runtime import ensure_ray  # noqa: E402
 from pipeline.shards.schema import read_manifest  # noqa: E402
 
 log = logging.getLogger("bench.evaluate")
@@ -125,7 +124,7 @@ def summary(rounds: list[dict[str, Any]], side: str) -> dict[str, Any]:
 
 def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     params = load_params(args.params)
-    ensure_ray(None)
+    e2e.start_ray()
     model_path, data, shards = prepare(args, root, params)
     gt = tv.load_coco(e2e.split_files(data, "val")["annotation_file"])
     rounds = []
