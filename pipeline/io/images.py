@@ -6,10 +6,11 @@ the MLflow pyfunc (files or request bytes) all call ``decode_chw`` or its channe
 
 The pixel contract: EXIF orientation applied (a phone photo stored sideways is shown upright,
 and its COCO height/width describe the upright image), every pixel format brought to 8-bit RGB
-(alpha dropped, palettes expanded, 16-bit grey scaled to 8 bits, grey repeated). 8-bit RGB or
-grey JPEG and PNG go through torchvision's decoder (channels-first without PIL's extra copies,
-docs/benchmarks.md, "Loader"; it gives PIL's pixels for these, tests/pipeline/test_pixels.py);
-everything else, and every error message, comes from PIL.
+(alpha dropped, palettes expanded, 16-bit grey scaled to 8 bits, grey repeated), as PIL shows
+it. RGB or grey JPEG and 8-bit RGB or grey PNG go through torchvision's decoder instead
+(channels-first without PIL's extra copies, docs/benchmarks.md, "Loader"), which gives PIL's
+pixels for them (tests/pipeline/test_pixels.py), unless their orientation sits where only PIL
+reads it (XMP, PNG text chunks). Everything else, and every error message, comes from PIL.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torchvision.io import ImageReadMode, decode_image
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _JPEG = b"\xff\xd8\xff"
 _PNG = b"\x89PNG\r\n\x1a\n"
+_PLAIN_PNG = (b"\x08\x00", b"\x08\x02")  # IHDR bit depth 8; colour type grey, RGB
 
 
 class ImageReadError(ValueError):
@@ -63,7 +65,10 @@ def decode_chw(data: bytes) -> torch.Tensor:
 
 def _decode_torchvision(data: bytes) -> torch.Tensor | None:
     """8-bit RGB or grey JPEG/PNG via torchvision, or None to leave the bytes to PIL."""
-    if not (data.startswith(_JPEG) or _plain_png(data)):
+    if data.startswith(_JPEG):
+        if _jpeg_xmp_orientation(data):
+            return None
+    elif not _plain_png(data) or _png_orientation_pil_only(data):
         return None
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
@@ -80,11 +85,44 @@ def _plain_png(data: bytes) -> bool:
 
     Palette PNGs are left to PIL: torchvision returns their palette indices unchanged.
     """
-    return (
-        data.startswith(_PNG)
-        and data[12:16] == b"IHDR"
-        and data[24:26] in (b"\x08\x00", b"\x08\x02")
-    )
+    return data.startswith(_PNG) and data[12:16] == b"IHDR" and data[24:26] in _PLAIN_PNG
+
+
+def _jpeg_xmp_orientation(data: bytes) -> bool:
+    """Whether an APP1 segment (before the scan data) holds an XMP orientation: PIL honours
+    one when EXIF has none, torchvision does not. A walk over the segment headers only."""
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: no more metadata
+            return False
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xE1 and b"tiff:Orientation" in data[at + 4 : end]:
+            return True
+        at = end
+    return False
+
+
+def _png_orientation_pil_only(data: bytes) -> bool:
+    """Whether a PNG keeps orientation where only PIL reads it: text chunks (XMP, ImageMagick's
+    raw EXIF profile) or an eXIf chunk after the image data. A walk over chunk headers only."""
+    at, seen_pixels = 8, False
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and data[at + 8 : at + 8 + length].startswith(
+            (b"Raw profile type exif", b"XML:com.adobe.xmp")
+        ):
+            return True
+        if kind == b"eXIf" and seen_pixels:
+            return True
+        if kind == b"IEND":
+            break
+        seen_pixels |= kind == b"IDAT"
+        at += 12 + length
+    return False
 
 
 def _decode_pil(data: bytes) -> np.ndarray:

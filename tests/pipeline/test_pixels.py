@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 from torch import nn
 
 from maskrcnn.anchors import anchor_grid
@@ -86,6 +86,42 @@ def test_the_decoder_gives_pils_pixels_in_every_format_and_orientation(case):
         assert torch.equal(channels_first.permute(1, 2, 0), torch.from_numpy(pixels))
 
 
+_XMP = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+    'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def _orientation_elsewhere() -> dict[str, tuple[str, dict]]:
+    """Orientation 6 ("rotate 90 clockwise") kept where torchvision does not look."""
+    png_xmp = PngImagePlugin.PngInfo()
+    png_xmp.add_itxt("XML:com.adobe.xmp", _XMP)
+    raw = Image.Exif()
+    raw[0x0112] = 6
+    profile = raw.tobytes()
+    png_raw = PngImagePlugin.PngInfo()
+    png_raw.add_text(
+        "Raw profile type exif", f"\nexif\n{len(profile):8d}\n{profile.hex()}\n", zip=True
+    )
+    return {
+        "jpeg xmp": ("JPEG", {"quality": 95, "xmp": _XMP.encode()}),
+        "png xmp": ("PNG", {"pnginfo": png_xmp}),
+        "png raw exif profile": ("PNG", {"pnginfo": png_raw}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_orientation_elsewhere()))
+def test_orientation_that_only_pil_reads_is_applied(case):
+    fmt, options = _orientation_elsewhere()[case]
+    stored = np.zeros((20, 40, 3), np.uint8)  # stored landscape
+    stored[:5, :5] = (255, 0, 0)
+    data = _encode(Image.fromarray(stored), fmt, **options)
+    pixels = decode_rgb(data)
+    assert pixels.shape == (40, 20, 3)  # shown upright: portrait
+    np.testing.assert_array_equal(pixels, _pil_reference(data))
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_or_foreign_bytes_are_an_image_read_error(fmt):
     data = _encode(Image.fromarray(_BASE), fmt)
@@ -149,7 +185,7 @@ def test_loader_and_evaluation_see_the_same_pixels_for_a_shard_row(
     threads = torch.get_num_threads()
     try:
         predictor = ShardPredictor(
-            model_path=str(model_path), categories=[], score_threshold=0.0, pool_size=1
+            model=model_path.read_bytes(), categories=[], score_threshold=0.0, threads=1
         )
         recorder = _Recorder(predictor.detector.model)
         predictor.detector.model = recorder
