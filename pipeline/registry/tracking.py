@@ -123,7 +123,7 @@ def check_server(uri: str, *, setting: str = "tracking.uri") -> None:
     check_reachable(
         parsed.hostname,
         parsed.port or HTTP_PORTS[parsed.scheme],
-        service=f"the MLflow tracking server {uri}",
+        service="the MLflow tracking server",
         fix=(
             "start it (`mlflow server --backend-store-uri sqlite:///mlflow.db --port "
             f"{parsed.port or HTTP_PORTS[parsed.scheme]}`) or set {setting} to a server that "
