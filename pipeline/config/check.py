@@ -139,8 +139,6 @@ def _matches(value: Any, hint: Any) -> bool:
         return value is None
     if hint is Any:
         return True
-    if origin is typing.Literal:
-        return any(value == arm and type(value) is type(arm) for arm in args)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -167,8 +165,6 @@ def _describe(hint: Any) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     if hint is type(None):
         return "null"
-    if origin is typing.Literal:
-        return " or ".join(f'"{arm}"' for arm in args)
     if hint in names:
         return names[hint]
     if origin is tuple:

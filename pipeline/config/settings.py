@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 SCHEDULES = ("multistep", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
@@ -24,8 +24,6 @@ INITS = ("none", "imagenet", "coco")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 IMAGE_FORMATS = ("jpeg", "png")
 AUTO = "auto"
-# How many inference actors evaluate runs: a count, or "auto" (sized to the cluster).
-Concurrency = int | Literal["auto"]
 
 # Settings that may change while a run goes on under the same run name: how long it runs, how
 # often it logs and checkpoints, where and on how many workers it runs (the learning rate follows
@@ -158,7 +156,8 @@ class PreprocessSettings(Section):
 @dataclass(frozen=True, kw_only=True)
 class EvaluateSettings(Section):
     """Batch inference and scoring (``evaluate:``), for ``evaluate``. ``concurrency``: the
-    number of inference actors, or "auto" to size the pool to the cluster."""
+    number of inference actors, or "auto" to size the pool to the cluster; ``amp``: autocast
+    of inference on GPUs (as ``train.amp``)."""
 
     SECTION: ClassVar[str] = "evaluate"
 
@@ -166,9 +165,11 @@ class EvaluateSettings(Section):
     score_threshold: float = 0.0
     num_overlays: int = 8
     overlay_score_threshold: float = 0.5
-    concurrency: Concurrency = AUTO
+    concurrency: int | str = AUTO
+    amp: str = "none"
 
     def __post_init__(self) -> None:
+        self._choice("amp", self.amp, AMP_MODES)
         self._at_least(1, "batch_size")
         self._at_least(0, "num_overlays")
         self._fraction("score_threshold", "overlay_score_threshold")
