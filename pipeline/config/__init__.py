@@ -1,1 +1,1 @@
-"""params.yaml: loading it, the typed settings of each section, checking every key against them."""
+"""params.yaml (loading, typed settings per section, the check of every key) and user errors."""
