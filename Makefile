@@ -4,13 +4,16 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 5001
+SERVE_MODEL ?= models:/maskrcnn-shapes@champion
+MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: install demo test test-cluster lint
+.PHONY: install demo serve test test-cluster lint
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,onnx]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +31,12 @@ demo: $(STAMP)
 	@echo "  registry:       artifacts/register/decision.json"
 	@echo "  MLflow UI:      $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(MLFLOW_PORT)"
 	@echo "                  then open http://127.0.0.1:$(MLFLOW_PORT)"
+
+## REST serving of the registered champion (after make demo): POST /invocations, README "Serving".
+## The venv's bin/ goes on PATH: mlflow starts uvicorn by name.
+serve: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" \
+		$(BIN)/mlflow models serve -m "$(SERVE_MODEL)" --env-manager local --host 127.0.0.1 -p $(SERVE_PORT)
 
 ## Everything, the multi-process Ray cluster test included (about 10 minutes on 2 quiet cores).
 test: $(STAMP)
