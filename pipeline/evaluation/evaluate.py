@@ -1,16 +1,20 @@
 """Stage evaluate's logic: batch inference over the val shards, COCO scores, plots, overlays.
 
-Inference runs on Ray Data: an actor pool whose actors each load the model once (a GPU each
+Inference runs on Ray Data: an actor pool whose actors each build the model once (a GPU each
 when the cluster has them) and turn batches of shard rows into COCO results in original image
-coordinates. The driver scores them with pycocotools against the original annotation file and
-writes ``metrics.json``, ``pr_curve.csv``, ``predictions.json`` and ``overlays/*.png``, then
+coordinates. The model file is read by the driver and reaches the actors through Ray's object
+store, so they need not see the driver's files (on a cluster they run on other nodes). The
+driver scores the results with pycocotools against the original annotation file and writes
+``metrics.json``, ``pr_curve.csv``, ``predictions.json`` and ``overlays/*.png``, then
 logs all of it to the training's MLflow run (metrics prefixed ``eval/``, files under ``eval/``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,6 +22,7 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ import ray
 import ray.data
 import torch
 
+from maskrcnn.checkpoints import load_model, read_model_info
 from pipeline.coco.masks import decode_rle
 from pipeline.coco.reader import read_image
 from pipeline.evaluation.cocoeval import (
@@ -36,7 +42,7 @@ from pipeline.evaluation.cocoeval import (
     summary_table,
     to_coco_results,
 )
-from pipeline.inference.detector import Detector, read_model_info
+from pipeline.inference.detector import Detector
 from pipeline.inference.overlay import draw_detections, save_overlay
 from pipeline.io import storage
 from pipeline.io.images import decode_rgb
@@ -46,32 +52,57 @@ from pipeline.shards.schema import read_manifest, shard_files
 log = logging.getLogger(__name__)
 
 READ_COLUMNS = ["image_id", "file_name", "height", "width", "scale", "image"]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# concurrency "auto" on CPUs: one actor per this many CPUs of the cluster (docs/benchmarks.md,
+# "Evaluation actors on CPU": on 2 cores, 2 one-thread actors vs 1 two-thread actor).
+CPUS_PER_AUTO_ACTOR = 2
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The inference actor pool: how many actors, what each reserves, and its torch threads."""
+
+    size: int
+    num_cpus: float
+    num_gpus: int
+    threads: int
 
 
 class ShardPredictor:
-    """Ray Data actor: loads the model once, then shard rows -> COCO results (JSON per image).
+    """Ray Data actor: builds the model once, then shard rows -> COCO results (JSON per image).
 
-    Like the shards, the model file must be on storage that every node sees on a cluster.
+    ``model`` is the model file's bytes in Ray's object store (a ref, fetched here, on whichever
+    node the actor runs), never a path: the driver's files are not the actor's. On a GPU the
+    model runs under autocast in ``amp`` ("none", "bf16", "fp16": the training's).
     """
 
     def __init__(
-        self, *, model_path: str, categories: list[dict], score_threshold: float, pool_size: int
+        self,
+        *,
+        model: ray.ObjectRef | bytes,
+        categories: list[dict],
+        score_threshold: float,
+        threads: int,
+        amp: str = "none",
     ) -> None:
-        # Each actor reserves one CPU (so Ray Data's read tasks still get one) but computes
-        # with its share of the node's cores.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // pool_size))
+        # ``threads``: the actor's share of the cluster's cores, at most its node's.
+        torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.detector = Detector.from_file(model_path, categories=categories, device=device)
+        raw = ray.get(model) if isinstance(model, ray.ObjectRef) else model
+        self.detector = Detector(load_model(io.BytesIO(raw)), categories=categories, device=device)
         self.score_threshold = score_threshold
+        self.amp = AMP_DTYPES.get(amp) if device == "cuda" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = [decode_rgb(b) for b in batch["image"]]
-        detections = self.detector.detect_resized(
-            images,
-            scales=[float(s) for s in batch["scale"]],
-            sizes=list(zip(batch["height"], batch["width"], strict=True)),
-            score_threshold=self.score_threshold,
-        )
+        autocast = torch.autocast("cuda", dtype=self.amp) if self.amp else contextlib.nullcontext()
+        with autocast:
+            detections = self.detector.detect_resized(
+                images,
+                scales=[float(s) for s in batch["scale"]],
+                sizes=list(zip(batch["height"], batch["width"], strict=True)),
+                score_threshold=self.score_threshold,
+            )
         results = [
             json.dumps(to_coco_results(int(image_id), detection, self.detector.category_ids))
             for image_id, detection in zip(batch["image_id"], detections, strict=True)
@@ -94,7 +125,8 @@ def evaluate(
     score_threshold: float = 0.0,
     num_overlays: int = 8,
     overlay_score_threshold: float = 0.5,
-    concurrency: int = 1,
+    concurrency: int | str = "auto",
+    amp: str = "none",
     ray_address: str | None = None,
     tracking_run: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -103,8 +135,11 @@ def evaluate(
     ``score_threshold`` drops detections before scoring (0 keeps everything the model returns,
     as COCO AP expects); overlays only draw those above ``overlay_score_threshold``.
     ``tracking_run`` is run.json's content (run_id, tracking_uri); None skips MLflow.
+    ``concurrency`` is the number of inference actors, or "auto" (``_pool_plan``); ``amp`` the
+    autocast dtype of inference on GPUs (the training's ``train.amp``).
     """
     config, _ = read_model_info(model_path)
+    model_bytes = Path(model_path).read_bytes()  # into the object store below, once
     manifest = read_manifest(shards_dir)
     if config.canvas != manifest["canvas"]:
         raise ValueError(
@@ -121,13 +156,15 @@ def evaluate(
     started = time.perf_counter()
     ensure_ray(ray_address)
     images, results = _predict(
-        model_path=str(Path(model_path).resolve()),
+        model=ray.put(model_bytes),
         shards_dir=shards_dir,
         manifest=manifest,
         batch_size=batch_size,
         score_threshold=score_threshold,
-        concurrency=concurrency,
+        plan=_pool_plan(concurrency, ray.cluster_resources()),
+        amp=amp,
     )
+    del model_bytes
     seconds = time.perf_counter() - started
     log.info(
         "inference: %d images, %d detections in %.1f s (%.2f images/s)",
@@ -164,30 +201,39 @@ def evaluate(
 
 def _predict(
     *,
-    model_path: str,
+    model: ray.ObjectRef,
     shards_dir: str | os.PathLike,
     manifest: Mapping[str, Any],
     batch_size: int,
     score_threshold: float,
-    concurrency: int,
+    plan: PoolPlan,
+    amp: str = "none",
 ) -> tuple[list[tuple[int, str]], list[dict[str, Any]]]:
     """[(image_id, file_name)] in image-id order, and every image's COCO results."""
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    pool_size = _pool_size(concurrency, gpu=bool(gpus))
     filesystem, paths = shard_files(shards_dir, manifest=manifest)
     dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=READ_COLUMNS)
+    log.info(
+        "inference on %d actor(s), each %g CPU, %d GPU, %d torch thread(s), amp %s",
+        plan.size,
+        plan.num_cpus,
+        plan.num_gpus,
+        plan.threads,
+        amp if plan.num_gpus else "none (CPU)",
+    )
     predicted = dataset.map_batches(
         ShardPredictor,
         fn_constructor_kwargs={
-            "model_path": model_path,
+            "model": model,
             "categories": manifest["categories"],
             "score_threshold": score_threshold,
-            "pool_size": pool_size,
+            "threads": plan.threads,
+            "amp": amp,
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool_size),
-        num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=plan.size),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
         udf_modifying_row_count=False,
     )
     images: list[tuple[int, str]] = []
@@ -198,20 +244,33 @@ def _predict(
     return images, results
 
 
-def _pool_size(concurrency: int, *, gpu: bool) -> int:
-    """Actors in the pool: at most one per GPU, and on CPUs one CPU short of the cluster's, so
-    that the read tasks can run (actors holding every CPU would wait for data forever)."""
-    resources = ray.cluster_resources()
-    limit = int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1)) - 1
-    size = max(1, min(concurrency, limit))
-    if size < concurrency:
+def _pool_plan(concurrency: int | str, resources: Mapping[str, float]) -> PoolPlan:
+    """The actor pool for ``concurrency`` (an int, or "auto") on a cluster with ``resources``.
+
+    With GPUs: one actor per GPU ("auto", and the most allowed). On CPUs the actors share all
+    but one of the cluster's CPUs (Ray Data's read tasks need one: actors holding every CPU
+    would wait for data forever), each computing with its share of the cores; "auto" is one
+    actor per ``CPUS_PER_AUTO_ACTOR`` CPUs.
+    """
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    limit = gpus if gpus else cpus
+    wanted = (gpus or max(1, cpus // CPUS_PER_AUTO_ACTOR)) if concurrency == "auto" else concurrency
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
+        raise ValueError(
+            f'evaluate.concurrency must be a positive integer or "auto", got {concurrency!r}'
+        )
+    size = min(wanted, limit)
+    if size < wanted:
         log.warning(
             "evaluate.concurrency %d lowered to %d to fit the cluster (%s)",
-            concurrency,
+            wanted,
             size,
-            "GPUs" if gpu else "CPUs, one kept for reading",
+            "one actor per GPU" if gpus else "one per CPU",
         )
-    return size
+    if gpus:
+        return PoolPlan(size=size, num_cpus=1, num_gpus=1, threads=max(1, cpus // size))
+    share = min(1.0, max(cpus - 1, 1) / size)
+    return PoolPlan(size=size, num_cpus=share, num_gpus=0, threads=max(1, cpus // size))
 
 
 def _check_source(

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.evaluation.evaluate import _pool_size, evaluate
+from pipeline.evaluation.evaluate import PoolPlan, _pool_plan, evaluate
 from pipeline.shards.preprocess import preprocess_split
 
 
@@ -82,7 +82,7 @@ def test_evaluate_writes_scores_plots_predictions_overlays_and_logs_them(val):
         batch_size=3,
         num_overlays=2,
         overlay_score_threshold=0.0,
-        concurrency=1,
+        concurrency=2,  # two actors share the two CPUs, one left for reading: no deadlock
         tracking_run={"run_id": run_id, "experiment_id": experiment, "tracking_uri": uri},
     )
 
@@ -144,8 +144,26 @@ def test_a_model_for_another_canvas_is_refused(val):
         )
 
 
-def test_the_actor_pool_leaves_a_cpu_for_reading():
-    # Two actors holding both CPUs of this Ray would wait forever for the read tasks.
-    assert ray.cluster_resources()["CPU"] == 2
-    assert _pool_size(2, gpu=False) == 1
-    assert _pool_size(1, gpu=False) == 1
+def test_cpu_actors_leave_a_cpu_for_reading():
+    # Actors holding every CPU would wait forever for the read tasks.
+    assert _pool_plan(1, {"CPU": 2}) == PoolPlan(size=1, num_cpus=1.0, num_gpus=0, threads=2)
+    assert _pool_plan(2, {"CPU": 2}) == PoolPlan(size=2, num_cpus=0.5, num_gpus=0, threads=1)
+    assert _pool_plan(3, {"CPU": 2}).size == 2  # at most one per CPU
+    for concurrency in (1, 3, 8):
+        plan = _pool_plan(concurrency, {"CPU": 8})
+        assert plan.size * plan.num_cpus <= 7 and plan.threads == 8 // plan.size
+
+
+def test_auto_is_one_actor_per_gpu_or_per_two_cpus():
+    on_gpus = _pool_plan("auto", {"CPU": 32, "GPU": 8})
+    assert on_gpus == PoolPlan(size=8, num_cpus=1, num_gpus=1, threads=4)
+    assert _pool_plan(16, {"CPU": 32, "GPU": 8}).size == 8
+    assert _pool_plan("auto", {"CPU": 2}) == PoolPlan(size=1, num_cpus=1, num_gpus=0, threads=2)
+    assert _pool_plan("auto", {"CPU": 16}).size == 8
+    assert _pool_plan("auto", {"CPU": 1}).size == 1
+
+
+@pytest.mark.parametrize("concurrency", [0, -1, "many", True, 1.5])
+def test_bad_concurrency_is_refused(concurrency):
+    with pytest.raises(ValueError, match="concurrency must be a positive integer or"):
+        _pool_plan(concurrency, {"CPU": 4})
