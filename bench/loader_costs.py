@@ -8,7 +8,8 @@
 - RPN sample: ``maskrcnn.rpn_targets.sample_rpn_targets`` drawing the 256-anchor sample from the
   stored targets of one image with 6 boxes, at each of ``--canvases``.
 
-One torch thread. Prints JSON: mean ms per image.
+One torch thread. Prints JSON: mean wall and CPU ms per image (the CPU time is what other jobs
+on the machine do not change).
 
     .venv/bin/python bench/loader_costs.py --sizes 512x384,256x192 --canvases 256,512,1024
 """
@@ -57,29 +58,30 @@ def decode_ms(data: bytes, repeats: int) -> dict:
     """Mean ms of each decoder, taking turns (who goes first alternates)."""
     decoders = {"pil": pil_decode, "torchvision_io": torchvision_decode}
     same = torch.equal(pil_decode(data), torchvision_decode(data))  # also the warm-up
-    seconds = dict.fromkeys(decoders, 0.0)
+    seconds, cpu = dict.fromkeys(decoders, 0.0), dict.fromkeys(decoders, 0.0)
     for i in range(repeats):
         for name in decoders if i % 2 else reversed(list(decoders)):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             decoders[name](data)
             seconds[name] += time.perf_counter() - start
-    return {
-        **{name: round(s / repeats * 1e3, 3) for name, s in seconds.items()},
-        "same_pixels": same,
-    }
+            cpu[name] += time.process_time() - cpu_start
+    means = {name: round(s / repeats * 1e3, 3) for name, s in seconds.items()}
+    cpu_means = {f"{name}_cpu": round(s / repeats * 1e3, 3) for name, s in cpu.items()}
+    return {**means, **cpu_means, "same_pixels": same}
 
 
-def rpn_sample_ms(canvas: int, repeats: int) -> float:
+def rpn_sample_ms(canvas: int, repeats: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     grid = anchor_grid(canvas, AnchorConfig())
     corner = torch.rand(6, 2, generator=g) * canvas * 0.6
     boxes = torch.cat([corner, corner + canvas * (0.05 + 0.3 * torch.rand(6, 2, generator=g))], 1)
     stored = build_rpn_targets(grid, boxes.clamp(max=canvas))
     sample_rpn_targets(stored, grid.num_anchors, generator=g)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         sample_rpn_targets(stored, grid.num_anchors, generator=g)
-    return round((time.perf_counter() - start) / repeats * 1e3, 3)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"wall": round(wall / repeats * 1e3, 3), "cpu": round(cpu / repeats * 1e3, 3)}
 
 
 def main() -> None:

@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on GPU")
+    p.add_argument(
+        "--amp-dtype",
+        choices=("auto", "bf16", "fp16"),
+        default="auto",
+        help="the autocast dtype with --amp (auto: as --amp says)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--num-classes", type=int, default=4, help="including the background")
     p.add_argument("--instances", type=int, default=6, help="instances per image")
@@ -117,6 +123,13 @@ def torchvision_twin(ours: MaskRCNN) -> TorchvisionMaskRCNN:
     return twin
 
 
+def amp_dtype(args: argparse.Namespace) -> torch.dtype:
+    """``--amp-dtype``, or with auto: float16 on GPU, bfloat16 on CPU."""
+    if args.amp_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype]
+    return torch.float16 if args.device.startswith("cuda") else torch.bfloat16
+
+
 def synthetic_batch(config: ModelConfig, batch: int, instances: int) -> tuple[torch.Tensor, list]:
     """Images with ``instances`` filled ellipses each, targets with the loader's RPN sample."""
     gen = torch.Generator().manual_seed(0)
@@ -166,14 +179,13 @@ class Runner:
         params = [p for p in model.parameters() if p.requires_grad]
         # A tiny learning rate: the optimiser step costs what it costs, the workload stays put.
         self.optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
-        amp = args.amp and self.device.type == "cuda"
+        amp = args.amp and self.device.type == "cuda" and amp_dtype(args) == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def autocast(self):
         if not self.args.amp:
             return contextlib.nullcontext()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=amp_dtype(self.args))
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -234,15 +246,20 @@ def measure_throughput(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     runners = build_runners(args)
     results: dict[str, dict[str, float]] = {}
     for mode in ("train", "infer"):
-        elapsed = dict.fromkeys(runners, 0.0)
+        elapsed, cpu = dict.fromkeys(runners, 0.0), dict.fromkeys(runners, 0.0)
         for step in range(args.warmup + args.steps):
             order = list(runners.items())
             for name, runner in order if step % 2 else reversed(order):  # no first-mover bias
+                cpu_start = time.process_time()
                 seconds = runner.train_step() if mode == "train" else runner.infer_step()
                 if step >= args.warmup:
                     elapsed[name] += seconds
+                    cpu[name] += time.process_time() - cpu_start
         for name in runners:
             results.setdefault(name, {})[f"{mode}_img_s"] = args.batch * args.steps / elapsed[name]
+            # CPU seconds of this process per step: what other jobs on the machine do not
+            # change, unlike the wall time (with one thread: the step's own work).
+            results[name][f"{mode}_cpu_s_per_step"] = cpu[name] / args.steps
     return results
 
 
@@ -302,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         **results,
         "ratio_train": results["ours"]["train_img_s"] / results["torchvision"]["train_img_s"],
         "ratio_infer": results["ours"]["infer_img_s"] / results["torchvision"]["infer_img_s"],
+        "ratio_train_cpu": results["torchvision"]["train_cpu_s_per_step"]
+        / results["ours"]["train_cpu_s_per_step"],
         "loader_rpn_sample_ms_per_image": loader_sample_ms(args),
         "load_average": {"start": load_at_start, "end": load_average()},
         "settings": {
