@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import ray.exceptions
 import yaml
+from ray.train.v2.api.exceptions import WorkerGroupError
 
 from pipeline.coco.reader import DataError
 from pipeline.config.errors import command, describe, is_user_error
@@ -236,3 +237,13 @@ def test_an_error_from_a_ray_task_reads_as_the_original():
     assert is_user_error(remote)
     assert describe(remote) == "/data/coco.json: image_id=3: duplicate image id"
     assert not is_user_error(RuntimeError("a bug"))
+
+
+def test_an_error_from_a_training_worker_reads_as_the_original():
+    missing = FileNotFoundError(2, "No such file or directory", "/weights/r50.pth")
+    failed = WorkerGroupError("rank 0: ...", {1: RuntimeError("lost rank 0"), 0: missing})
+    assert is_user_error(failed)
+    assert describe(failed) == "No such file or directory: /weights/r50.pth"
+    assert not is_user_error(WorkerGroupError("rank 0: ...", {0: KeyError("a bug")}))
+    diverged = WorkerGroupError("", {0: FloatingPointError("training diverged at step 2")})
+    assert describe(diverged) == "training diverged at step 2"

@@ -8,8 +8,10 @@ stage's command line, or ``MASKRCNN_TRACEBACK=1`` in the environment, shows the 
 user errors too, for debugging.
 
 User errors are ``UserError`` (raised by our code where nothing in the standard library fits),
-``ValueError`` (validation of data and params, ``pipeline.coco.reader.DataError`` included)
-and ``OSError`` (a missing or unreadable file, a refused connection).
+``ValueError`` (validation of data and params, ``pipeline.coco.reader.DataError`` included),
+``OSError`` (a missing or unreadable file, a refused connection) and ``FloatingPointError`` (a
+training whose loss stopped being finite: the message says which setting to change). Raised in
+a Ray task or a Ray Train worker, they arrive wrapped; the original is what counts.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Unreachable(UserError):
     """A server that the configuration names (MLflow tracking, a Ray cluster) does not answer."""
 
 
-USER_ERRORS = (UserError, ValueError, OSError)
+USER_ERRORS = (UserError, ValueError, OSError, FloatingPointError)
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -74,7 +76,13 @@ def command(main: Callable[[list[str]], _R]) -> Callable[[Sequence[str] | None],
 
 
 def _cause(error: BaseException) -> BaseException:
-    """Ray re-raises a remote task's exception as a ``RayTaskError`` whose text holds the
-    remote traceback; the original is its ``cause``."""
+    """The original error: Ray re-raises a remote task's exception as a ``RayTaskError`` whose
+    text holds the remote traceback (the original is its ``cause``), and Ray Train a worker's
+    as a ``WorkerGroupError`` (``worker_failures``: rank -> error; the lowest rank's counts)."""
     cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
+    if isinstance(cause, BaseException):
+        return _cause(cause)
+    failures = getattr(error, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return _cause(failures[min(failures)])
+    return error
