@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import ray
@@ -29,11 +30,11 @@ from maskrcnn.checkpoints import load_imagenet_backbone, load_torchvision_maskrc
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.config.settings import TrainSettings
-from pipeline.registry.tracking import RunRef, attached_run, log_metrics
+from pipeline.registry.tracking import RunRef, attached_run
 from pipeline.training.device import configure_device, ddp_kwargs
 from pipeline.training.faults import FAULT_ENV, FaultDrill
 from pipeline.training.loader import make_collate_fn
-from pipeline.training.metrics_sender import MetricsSender
+from pipeline.training.metrics_sender import MetricsSender, send_metrics
 from pipeline.training.progress import LossWindow, ThroughputMeter, progress_line
 from pipeline.training.schedule import make_optimizer, make_scheduler
 from pipeline.training.state import (
@@ -80,18 +81,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         sender = None
         if run:
             client.set_tag(run.run_id, WORKER_NODES_TAG, ",".join(nodes))
-            sender = MetricsSender(lambda m, step: log_metrics(client, run, m, step=step))
+            sender = MetricsSender(partial(send_metrics, client, run.run_id))
         try:
             trainer.fit(ray.train.get_dataset_shard("train"), log_fn=sender.put if sender else None)
         finally:
-            unsent = sender.close() if sender else 0
-    tracking_summary = {"metrics_unsent": unsent}
-    if sender:
-        tracking_summary.update(metrics_late=sender.late, metrics_send_failures=sender.failures)
+            if sender:
+                sender.close()
     return {
         "resumed_from": resumed_from,
         **trainer.summary(),
-        **tracking_summary,
+        **(sender.counts() if sender else {}),
         "replicas": trainer.replicas(),
     }
 

@@ -2,7 +2,9 @@
 
 A tracking server that is down for a while must neither stall nor crash training: the loop
 only queues a row; the thread sends rows in step order and, when a send fails, keeps the row
-and tries again every ``retry_s`` until the server answers. When training ends, ``close``
+and tries again every ``retry_s`` until the server answers. A row keeps the time it was queued
+at, so sending it again after an answer was lost sends the same metric points, which MLflow's
+store does not record twice. When training ends, ``close``
 waits a bounded time for the queue to drain and counts, in a warning, the rows it could not
 send. (MLflow's HTTP client retries on its own first: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
 ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` set how long one attempt may take.)
@@ -16,28 +18,33 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
 log = logging.getLogger(__name__)
 
-Send = Callable[[Mapping[str, float], int], None]
+Send = Callable[[Mapping[str, float], int, int], None]  # metrics, step, time in ms
 
 
 class MetricsSender:
-    """``put(metrics, step)`` queues a row; a daemon thread calls ``send(metrics, step)``."""
+    """``put(metrics, step)`` queues a row; a daemon thread calls ``send(metrics, step,
+    timestamp_ms)``."""
 
     def __init__(self, send: Send, *, retry_s: float = 2.0, close_timeout_s: float = 120.0):
         self._send, self.retry_s, self.close_timeout_s = send, retry_s, close_timeout_s
-        self._rows: deque[tuple[Mapping[str, float], int]] = deque()
+        self._rows: deque[tuple[Mapping[str, float], int, int]] = deque()
         self._wake = threading.Condition()
         self._closing = False
         self._abandoned = False  # close() gave up waiting: the thread must stop
         self.failures = 0  # failed attempts, over the whole run
         self.late = 0  # rows sent after at least one failed attempt
+        self.unsent = 0  # rows left when close() gave up
         self._thread = threading.Thread(target=self._run, name="metrics-sender", daemon=True)
         self._thread.start()
 
     def put(self, metrics: Mapping[str, float], step: int) -> None:
         with self._wake:
-            self._rows.append((dict(metrics), step))
+            self._rows.append((dict(metrics), step, int(time.time() * 1000)))
             self._wake.notify()
 
     def close(self) -> int:
@@ -60,7 +67,16 @@ class MetricsSender:
                 left[-1][1],
                 self.close_timeout_s,
             )
-        return len(left)
+        self.unsent = len(left)
+        return self.unsent
+
+    def counts(self) -> dict[str, int]:
+        """Failed attempts, rows sent late and rows never sent (after ``close``)."""
+        return {
+            "metrics_send_failures": self.failures,
+            "metrics_late": self.late,
+            "metrics_unsent": self.unsent,
+        }
 
     def _run(self) -> None:
         failing_since: float | None = None
@@ -71,9 +87,9 @@ class MetricsSender:
                     self._wake.wait()
                 if not self._rows:
                     return
-                metrics, step = self._rows[0]
+                metrics, step, timestamp_ms = self._rows[0]
             try:
-                self._send(metrics, step)
+                self._send(metrics, step, timestamp_ms)
             except Exception as err:  # whatever the client raises for a server that is away
                 self.failures += 1
                 if failing_since is None:
@@ -104,3 +120,11 @@ class MetricsSender:
                     catch_up_to = self._rows[-1][1] if self._rows else step
                 if catch_up_to is not None and step <= catch_up_to:
                     self.late += 1
+
+
+def send_metrics(
+    client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int, timestamp_ms: int
+) -> None:
+    """One batch write of a row's metrics, at the time the row was measured."""
+    entries = [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()]
+    client.log_batch(run_id, metrics=entries)

@@ -1,11 +1,15 @@
-"""Checkpoint contents, RNG streams and the progress bookkeeping, without Ray."""
+"""Checkpoint contents, RNG streams, the progress bookkeeping and the metrics sender, without
+Ray."""
 
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.training.metrics_sender import MetricsSender
 from pipeline.training.progress import LOSS_NAMES, LossWindow, format_duration, progress_line
 from pipeline.training.state import (
     Progress,
@@ -139,3 +143,38 @@ def test_each_gpu_rank_takes_only_its_own_device_state():
     assert device_rng_state(states[6], torch.device("cuda", 0)) is states[6]  # one state
     assert device_rng_state(states, torch.device("cpu")) is None
     assert device_rng_state(None, torch.device("cuda", 0)) is None
+
+
+def test_metrics_wait_while_the_tracking_server_is_away_and_go_in_order():
+    away = threading.Event()
+    away.set()
+    sent: list[tuple[int, int]] = []
+
+    def send(metrics, step, timestamp_ms):
+        if away.is_set():
+            raise ConnectionError("connection refused")
+        sent.append((step, timestamp_ms))
+
+    sender = MetricsSender(send, retry_s=0.05, close_timeout_s=5)
+    for step in (1, 2, 3):
+        sender.put({"loss": 1.0}, step)
+    time.sleep(0.3)
+    assert sent == [] and sender.failures >= 2  # retried, never dropped
+    away.clear()
+    sender.put({"loss": 0.5}, 4)
+    assert sender.close() == 0
+    assert [step for step, _ in sent] == [1, 2, 3, 4]
+    assert sender.late >= 3
+    first = sent[0][1]
+    assert first <= sent[-1][1] and time.time() * 1000 - first >= 250  # the time it was queued
+
+
+def test_metrics_never_sent_are_counted_when_training_ends(caplog):
+    def send(metrics, step, timestamp_ms):
+        raise OSError("no route to host")
+
+    sender = MetricsSender(send, retry_s=0.05, close_timeout_s=0.3)
+    sender.put({"loss": 1.0}, 7)
+    sender.put({"loss": 1.0}, 8)
+    assert sender.close() == 2
+    assert "2 metric rows (steps 7-8) were not logged" in caplog.text
