@@ -27,8 +27,10 @@ def add_shapes_args(parser: argparse.ArgumentParser, *, images: int, canvas: int
 
 def run_json_child(command: list[str], env: dict[str, str] | None = None) -> dict:
     """Run ``command`` to completion and parse the JSON on the last line of its stdout."""
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{command[1:3]} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_fresh_child(command: list[str], env: dict[str, str] | None = None) -> dict:
