@@ -244,7 +244,7 @@ def train(
                     "data_wait_fraction": round(wait_s / elapsed, 4),
                     "schedule_steps": schedule["steps"],
                     "startup_s": round(startup_s, 2),
-                    "loss": round(float(sum(losses.values())), 4),
+                    "loss": round(sum(v.item() for v in losses.values()), 4),
                 }
             fetched = time.perf_counter()
         batches = iter(loader)
