@@ -24,6 +24,7 @@ from maskrcnn.model import MaskRCNN
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.shards.preprocess import preprocess_split
 
+pytestmark = pytest.mark.cluster
 OBJECT_STORE_BYTES = 100 * 1024**2
 
 
