@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ def export_onnx(
     canvas = model.config.canvas
     graph = ExportableMaskRCNN(copy.deepcopy(model).cpu().eval())
     example = torch.zeros((1, 3, canvas, canvas), dtype=torch.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torchvision's nms meta kernel still calls a renamed torch API: noise, not a problem.
+        warnings.filterwarnings("ignore", "`create_unbacked_symint` is deprecated", FutureWarning)
         graph(example)
         program = torch.onnx.export(
             graph,
