@@ -56,7 +56,7 @@ def export_onnx(
     except ImportError as err:
         raise ValueError(f"ONNX export {MISSING_EXTRA} ({err})") from None
     canvas = model.config.canvas
-    graph = ExportableMaskRCNN(copy.deepcopy(model).cpu().eval())
+    graph = ExportableMaskRCNN(copy.deepcopy(model).cpu()).eval()
     example = torch.zeros((1, 3, canvas, canvas), dtype=torch.uint8)
     with torch.no_grad(), warnings.catch_warnings():
         # torchvision's nms meta kernel still calls a renamed torch API: noise, not a problem.
