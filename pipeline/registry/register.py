@@ -29,6 +29,7 @@ from PIL import Image
 import maskrcnn
 import pipeline
 from pipeline.inference.detector import read_model_info
+from pipeline.registry.lineage import version_description
 from pipeline.registry.pyfunc import (
     MaskRCNNPyfunc,
     input_example,
@@ -86,6 +87,9 @@ def register(
             run_id=run["run_id"],
             model_id=logged.model_id,
             tags={SEGM_TAG: str(segm_ap), BBOX_TAG: str(bbox_ap), "decision": reason},
+            description=version_description(
+                client, run["run_id"], segm_ap=segm_ap, bbox_ap=bbox_ap, decision=reason
+            ),
         )
     client.set_registered_model_alias(model_name, CHALLENGER, new.version)
     if promote:

@@ -4,6 +4,9 @@ The driver creates (or reopens) the run before training starts, so the run id ex
 every worker dies; rank 0 attaches to it by id; ``run.json`` hands the id to evaluate and
 register. URIs are resolved to absolute ones here, because Ray workers run in other
 directories and, on a cluster, on other machines.
+
+The experiment is marked as a model-training one (``mlflow.experimentKind``): without the tag,
+MLflow 3's UI may open it on its GenAI overview (traces, token usage) instead of the runs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.io.network import check_reachable
+from pipeline.registry.lineage import source_tags
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,8 @@ PROJECT_MARKERS = ("params.yaml", "pyproject.toml")
 LOCAL_SCHEMES = ("", "file", "sqlite")
 NAMED_REMOTES = ("databricks", "databricks-uc")  # URIs that are a bare word, not a path
 HTTP_PORTS = {"http": 80, "https": 443}
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what MLflow 3's UI reads to pick its views
+TRAINING_KIND = "custom_model_development"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,12 +165,15 @@ def open_or_create_run(
     """Reopen run ``run_id`` if the store still has it, else create a run in ``experiment``.
 
     A new experiment in a local store keeps its artifacts under ``<project_root>/mlruns``
-    (MLflow would otherwise pick the current directory of whoever created it).
+    (MLflow would otherwise pick the current directory of whoever created it). A new run gets
+    the ``mlflow.source.*`` tags (entry point, git commit) besides ``tags``. The experiment is
+    marked as a training one, also one created earlier without the mark.
     """
     client = MlflowClient(tracking_uri)
     if run_id:
         try:
             run = client.get_run(run_id)
+            mark_training_experiment(client, run.info.experiment_id)
             return RunRef(
                 run_id=run.info.run_id,
                 experiment_id=run.info.experiment_id,
@@ -175,13 +184,25 @@ def open_or_create_run(
     found = client.get_experiment_by_name(experiment)
     if found:
         experiment_id = found.experiment_id
+        mark_training_experiment(client, experiment_id)
     else:
         location = None
         if is_local_uri(tracking_uri):
             location = (Path(project_root).resolve() / "mlruns" / experiment).as_uri()
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+        experiment_id = client.create_experiment(
+            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+        )
+    run = client.create_run(
+        experiment_id, run_name=run_name, tags={**source_tags(project_root), **(tags or {})}
+    )
     return RunRef(run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
+
+
+def mark_training_experiment(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment as a model-training one unless it already has a kind (a kind chosen
+    in the UI is kept)."""
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
 
 def log_params(ref: RunRef, params: Mapping[str, Any]) -> None:

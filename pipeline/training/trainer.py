@@ -36,6 +36,7 @@ from pipeline.config.settings import TrackingSettings, TrainSettings
 from pipeline.io import storage
 from pipeline.io.outputs import TRAIN
 from pipeline.io.ray_runtime import cluster_node_count, ensure_ray
+from pipeline.registry.lineage import log_shard_inputs, shard_inputs
 from pipeline.registry.tracking import (
     RunRef,
     check_server,
@@ -177,7 +178,8 @@ def _warn_about_slow_settings(settings: TrainSettings) -> None:
 
 
 def _start_run(plan: RunPlan) -> RunRef:
-    """The plan's MLflow run (the same one when resuming), with the recipe as its params."""
+    """The plan's MLflow run (the same one when resuming), with the recipe as its params and
+    the train and val shards as its dataset inputs."""
     run = open_run(plan)
     log_params(
         run,
@@ -187,6 +189,8 @@ def _start_run(plan: RunPlan) -> RunRef:
             "data": {"shards_dir": plan.shards_dir},
         },
     )
+    datasets = shard_inputs(plan.shards_dir, known={"train": plan.train_manifest})
+    log_shard_inputs(MlflowClient(run.tracking_uri), run.run_id, datasets)
     return run
 
 

@@ -1,15 +1,29 @@
-"""MLflow tracking helpers: URI resolution, the cluster refusal, and a real SQLite store."""
+"""MLflow tracking helpers: URI resolution, the cluster refusal, the experiment kind, the
+run's source and dataset inputs, and a real SQLite store."""
 
+import json
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from pipeline.config.errors import Unreachable
+from pipeline.registry.lineage import (
+    git_commit,
+    log_shard_inputs,
+    manifest_digest,
+    shard_inputs,
+    source_tags,
+    version_description,
+)
 from pipeline.registry.tracking import (
+    EXPERIMENT_KIND_TAG,
+    TRAINING_KIND,
     RunRef,
     attached_run,
     check_server,
@@ -64,8 +78,8 @@ def test_local_uri_is_refused_only_on_more_than_one_node():
 
 def test_an_unreachable_tracking_server_is_named_at_once():
     started = time.perf_counter()
-    with pytest.raises(Unreachable, match=r"http://127\.0\.0\.1:9 at 127\.0\.0\.1:9 does not "
-                       r"answer \(Connection refused\).*mlflow server.*tracking\.uri"):  # fmt: skip
+    with pytest.raises(Unreachable, match=r"tracking server at 127\.0\.0\.1:9 does not answer "
+                       r"\(Connection refused\).*mlflow server.*tracking\.uri"):  # fmt: skip
         check_server("http://127.0.0.1:9")
     assert time.perf_counter() - started < 2  # MLflow's own client would retry for minutes
     with pytest.raises(Unreachable, match="register.tracking_uri"):
@@ -142,3 +156,115 @@ def test_a_run_missing_from_the_store_is_replaced(store):
     )
     assert ref.run_id != "0" * 32
     assert MlflowClient(uri).get_run(ref.run_id).info.run_name == "r"
+
+
+def test_the_experiment_is_marked_as_a_training_one(store):
+    root, uri = store
+    client = MlflowClient(uri)
+    ref = open_or_create_run(tracking_uri=uri, experiment="kind", run_name="r", project_root=root)
+    assert client.get_experiment(ref.experiment_id).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+
+    older = client.create_experiment("made-before-the-mark")  # an experiment of an older run
+    open_or_create_run(
+        tracking_uri=uri, experiment="made-before-the-mark", run_name="r", project_root=root
+    )
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+
+    resumed = client.create_experiment("resumed")
+    old_run = client.create_run(resumed).info.run_id
+    open_or_create_run(
+        tracking_uri=uri, experiment="resumed", run_name="r", project_root=root, run_id=old_run
+    )
+    assert client.get_experiment(resumed).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    open_or_create_run(tracking_uri=uri, experiment="chosen", run_name="r", project_root=root)
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def _git(directory: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_the_git_commit_is_the_runs_source(store, tmp_path):
+    _, uri = store
+    (tmp_path / "params.yaml").write_text("train: {}\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "params.yaml")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    ref = open_or_create_run(
+        tracking_uri=uri, experiment="git", run_name="r", project_root=tmp_path
+    )
+    tags = MlflowClient(uri).get_run(ref.run_id).data.tags
+    assert tags["mlflow.source.git.commit"] == _git(tmp_path, "rev-parse", "HEAD")
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"]
+
+
+def test_no_git_checkout_or_no_git_gives_no_commit_and_no_error(tmp_path, monkeypatch):
+    assert git_commit(tmp_path) is None  # pytest's tmp_path is outside any repository
+    assert MLFLOW_GIT_COMMIT not in source_tags(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git program at all
+    assert git_commit(Path(__file__).parent) is None
+    assert source_tags(tmp_path, entry_point="stages/train.py") == {
+        "mlflow.source.name": "stages/train.py",
+        "mlflow.source.type": "LOCAL",
+    }
+
+
+def _manifest(split: str, images: int) -> dict:
+    return {
+        "format_version": 1,
+        "split": split,
+        "canvas": 64,
+        "annotation_sha256": f"{split}-sha",
+        "categories": [{"id": 1, "name": "circle", "label": 1}],
+        "counts": {"images": images, "instances": 3 * images, "shards": 1, "bytes_written": 99},
+        "shards": [{"file": "part-00000.parquet", "rows": images, "bytes": 99}],
+    }
+
+
+def test_train_and_val_shards_are_the_runs_dataset_inputs(store, tmp_path):
+    root, uri = store
+    shards = tmp_path / "shards"
+    (shards / "val").mkdir(parents=True)
+    (shards / "val" / "manifest.json").write_text(json.dumps(_manifest("val", 2)))
+    train_manifest = _manifest("train", 4)
+    inputs = shard_inputs(shards, known={"train": train_manifest})
+    assert [(i.name, i.context) for i in inputs] == [
+        ("shards/train", "training"),
+        ("shards/val", "validation"),
+    ]
+    ref = open_or_create_run(tracking_uri=uri, experiment="data", run_name="r", project_root=root)
+    client = MlflowClient(uri)
+    log_shard_inputs(client, ref.run_id, inputs)
+    log_shard_inputs(client, ref.run_id, inputs)  # a resumed run logs them again
+
+    logged = client.get_run(ref.run_id).inputs.dataset_inputs
+    assert len(logged) == 2
+    train = next(i for i in logged if i.dataset.name == "shards/train")
+    assert train.dataset.digest == manifest_digest(train_manifest)
+    assert json.loads(train.dataset.source) == {"uri": str(shards / "train")}
+    assert train.dataset.source_type == "local"
+    assert json.loads(train.dataset.profile)["images"] == 4
+    assert {t.key: t.value for t in train.tags} == {"mlflow.data.context": "training"}
+    changed = {**train_manifest, "annotation_sha256": "other"}
+    assert manifest_digest(changed) != manifest_digest(train_manifest)
+
+    assert [i.name for i in shard_inputs(tmp_path / "none")] == []  # no splits built yet
+
+    text = version_description(client, ref.run_id, segm_ap=0.5, bbox_ap=0.25, decision="first")
+    assert "**segm AP** 0.5000, **bbox AP** 0.2500" in text
+    assert f"`r` (`{ref.run_id}`)" in text
+    assert f"`shards/train` (training) digest `{manifest_digest(train_manifest)}`" in text
+    assert "parent version" not in text
+    client.set_tag(ref.run_id, "parent_model_version", "3")
+    text = version_description(client, ref.run_id, segm_ap=0.5, bbox_ap=0.25, decision="first")
+    assert "- **parent version** 3" in text
