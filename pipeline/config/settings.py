@@ -146,11 +146,19 @@ class PreprocessSettings(Section):
     jpeg_quality: int = 95
     rows_per_shard: int = 256
     progress: bool = True
+    # Multi-scale training: the train split stores RPN targets for each factor (docs/training.md).
+    train_scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         self._choice("image_format", self.image_format, IMAGE_FORMATS)
         self._require(1 <= self.jpeg_quality <= 100, "jpeg_quality must be in 1..100")
         self._at_least(1, "rows_per_shard")
+        scales = self.train_scales
+        distinct = len(scales) >= 1 and len(set(scales)) == len(scales)
+        self._require(
+            distinct and all(0 < r <= 1 for r in scales),
+            f"train_scales must be distinct factors in (0, 1], got {list(scales)}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,6 +255,7 @@ class TrainSettings(Section):
     grad_accum: int = 1
     amp: str = "none"
     flip_prob: float = 0.5
+    repeat_factor_threshold: float = 0.0  # LVIS repeat-factor sampling; 0 = off
     init: str = "none"
     weights_path: str | None = None
     # fault tolerance
@@ -288,6 +297,9 @@ class TrainSettings(Section):
             "amp: fp16 needs use_gpu: true (CPU autocast supports bf16 only)",
         )
         self._require(0 <= self.flip_prob <= 1, "flip_prob must be in [0, 1]")
+        self._require(
+            0 <= self.repeat_factor_threshold <= 1, "repeat_factor_threshold must be in [0, 1]"
+        )
         self._choice("init", self.init, INITS)
         self._require(
             self.init == "none" or bool(self.weights_path),

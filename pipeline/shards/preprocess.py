@@ -14,6 +14,8 @@ import io
 import json
 import logging
 import pickle
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from pipeline.coco.reader import (
 from pipeline.io import storage
 from pipeline.io.images import canvas_scale, resized_size
 from pipeline.io.ray_runtime import ensure_ray
-from pipeline.shards.schema import rows_to_table, shard_metadata
+from pipeline.shards.schema import TARGET_COLUMNS, rows_to_table, shard_metadata
 from pipeline.shards.writer import SplitWriter, encode_shard
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ def preprocess_split(
     image_format: str = "jpeg",
     jpeg_quality: int = 95,
     rows_per_shard: int = 256,
+    train_scales: tuple[float, ...] = (1.0,),
     ray_address: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -67,6 +70,10 @@ def preprocess_split(
     the image files: ``images_dir`` must be the same path on every node (a shared filesystem)
     or object storage. The tasks encode the shards and the driver writes them, so only the
     driver needs write access to ``out_dir``.
+
+    ``train_scales`` (factors in (0, 1]) apply to the split named ``train``: its rows hold the
+    RPN targets of the image resized so its longer side is round(r * canvas), for each r.
+    Every other split keeps the canvas scale only (``[1.0]``).
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
@@ -76,12 +83,15 @@ def preprocess_split(
         raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
     index = read_coco(annotation_file, images_dir)
     out_dir = storage.locate(out_dir)
+    split = out_dir.name if isinstance(out_dir, Path) else out_dir.rsplit("/", 1)[-1]
+    scales = _split_scales(split, train_scales, model_config.canvas)
     metadata = shard_metadata(
         model_config=model_config,
         categories=index.categories,
         annotation_sha256=index.sha256,
-        split=out_dir.name if isinstance(out_dir, Path) else out_dir.rsplit("/", 1)[-1],
+        split=split,
         image_format=image_format,
+        train_scales=scales,
     )
     skipped = [_skip_entry(s.file, s.record, s.reason) for s in index.skipped]
     records = index.records  # sorted by image id
@@ -99,17 +109,32 @@ def preprocess_split(
         progress=progress,
     )
     instances = crowd = 0
+    label_images: Counter[str] = Counter()
+    target_bytes = np.zeros(len(scales), dtype=np.int64)
     with SplitWriter(out_dir, metadata=metadata) as writer:
         for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.to_pylist():
                 skipped += json.loads(shard["skipped"])
                 instances += shard["instances"]
                 crowd += shard["crowd"]
+                label_images.update(json.loads(shard["label_images"]))
+                target_bytes += json.loads(shard["target_bytes"])
                 if shard["rows"]:
                     writer.add_shard(shard["parquet"], shard["rows"])
         if writer.rows == 0:
             raise DataError(annotation_file, "images", "no usable images: every image was skipped")
-        counts = {"images": writer.rows, "instances": instances, "crowd": crowd, "skipped": skipped}
+        counts = {
+            "images": writer.rows,
+            "instances": instances,
+            "crowd": crowd,
+            "skipped": skipped,
+            # Images holding each label (non-crowd): the category frequencies of repeat-factor
+            # sampling (pipeline.training.loader.repeat_factors).
+            "images_per_label": dict(sorted(label_images.items(), key=lambda kv: int(kv[0]))),
+            # Uncompressed bytes of the RPN target lists (plain and flipped) per image, at each
+            # training scale: what a scale costs in storage (docs/benchmarks.md).
+            "target_bytes_per_image": [round(b / writer.rows, 1) for b in target_bytes.tolist()],
+        }
         manifest = writer.finish(counts)
     log.info(
         "%s: %d images, %d instances (%d crowd), %d skipped, %d shards, %.1f MB",
@@ -162,17 +187,27 @@ def encode_shard_task(
                     model_config=model_config,
                     image_format=image_format,
                     jpeg_quality=jpeg_quality,
+                    train_scales=metadata["train_scales"],
                 )
             )
         except DataError as error:
             skipped.append(_skip_entry(error.file, error.record, error.reason))
     iscrowd = [flag for row in rows for flag in row["iscrowd"]]
+    label_images = Counter(
+        str(label) for row in rows for label in set(row["labels"][~row["iscrowd"]].tolist())
+    )
+    target_bytes = [
+        sum(row[name][k].nbytes for row in rows for name in TARGET_COLUMNS)
+        for k in range(len(metadata["train_scales"]))
+    ]
     shard = {
         "parquet": encode_shard(rows_to_table(rows), metadata) if rows else b"",
         "rows": len(rows),
         "instances": len(iscrowd),
         "crowd": int(sum(iscrowd)),
         "skipped": json.dumps(skipped),
+        "label_images": json.dumps(label_images),
+        "target_bytes": json.dumps(target_bytes),
     }
     return pa.Table.from_pylist([shard], schema=_SHARD_TASK_SCHEMA)
 
@@ -184,14 +219,22 @@ _SHARD_TASK_SCHEMA = pa.schema(
         ("instances", pa.int64()),
         ("crowd", pa.int64()),
         ("skipped", pa.string()),
+        ("label_images", pa.string()),
+        ("target_bytes", pa.string()),
     ]
 )
 
 
 def encode_record(
-    record: ImageRecord, *, model_config: ModelConfig, image_format: str, jpeg_quality: int
+    record: ImageRecord,
+    *,
+    model_config: ModelConfig,
+    image_format: str,
+    jpeg_quality: int,
+    train_scales: Sequence[float] = (1.0,),
 ) -> dict[str, Any]:
-    """One image's shard row: resized image, masks, boxes and RPN targets (plain and flipped)."""
+    """One image's shard row: resized image, masks, boxes and RPN targets (plain and flipped)
+    at each training scale."""
     pixels = load_image(record)
     scale = canvas_scale(record.height, record.width, model_config.canvas)
     height, width = resized_size(record.height, record.width, scale)
@@ -199,7 +242,10 @@ def encode_record(
     masks = instance_masks(record, scale=scale)
     boxes = instance_boxes(record, scale=scale)
     iscrowd = np.array([i.iscrowd for i in record.instances], dtype=bool)
-    flipped = hflip_boxes(torch.from_numpy(boxes), width).numpy()
+    target_scales = [
+        canvas_scale(record.height, record.width, round(r * model_config.canvas))
+        for r in train_scales
+    ]
     return {
         "image_id": record.image_id,
         "file_name": record.file_name,
@@ -212,9 +258,38 @@ def encode_record(
         "iscrowd": iscrowd,
         "masks": encode_rles(masks),
         **_mask_crops(masks),
-        **_rpn_columns("rpn_", boxes, iscrowd, model_config),
-        **_rpn_columns("rpn_flip_", flipped, iscrowd, model_config),
+        "target_scales": np.array(target_scales, dtype=np.float32),
+        **_scaled_rpn_columns(record, target_scales, iscrowd, model_config),
     }
+
+
+def _split_scales(split: str, train_scales: Sequence[float], canvas: int) -> tuple[float, ...]:
+    """The training scales a split stores targets for: the train split's, [1.0] for others."""
+    scales = tuple(float(r) for r in train_scales)
+    if not scales or len(set(scales)) != len(scales) or not all(0 < r <= 1 for r in scales):
+        raise ValueError(f"train_scales must be distinct factors in (0, 1], got {list(scales)}")
+    if any(round(r * canvas) < 1 for r in scales):
+        raise ValueError(f"train_scales {list(scales)} make an empty image on canvas {canvas}")
+    return scales if split == "train" else (1.0,)
+
+
+def _scaled_rpn_columns(
+    record: ImageRecord,
+    target_scales: Sequence[float],
+    iscrowd: np.ndarray,
+    model_config: ModelConfig,
+) -> dict[str, list[np.ndarray]]:
+    """Each target column as a list over the scales: the image resized by each pixel scale,
+    top-left on the canvas, plain and flipped within its own width."""
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in TARGET_COLUMNS}
+    for scale in target_scales:
+        boxes = instance_boxes(record, scale=scale)
+        width = resized_size(record.height, record.width, scale)[1]
+        flipped = hflip_boxes(torch.from_numpy(boxes), width).numpy()
+        for prefix, b in (("rpn_", boxes), ("rpn_flip_", flipped)):
+            for name, value in _rpn_columns(prefix, b, iscrowd, model_config).items():
+                columns[name].append(value)
+    return columns
 
 
 def _mask_crops(masks: np.ndarray) -> dict[str, Any]:

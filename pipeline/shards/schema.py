@@ -1,9 +1,11 @@
 """The Parquet shard format (a contract: see ARCHITECTURE.md, "Shard format").
 
 One row per image: the resized image, its instances at the resized size, and its RPN anchor
-targets (plain and for the horizontally flipped image). This module owns the schema, the
-metadata every shard carries, building Arrow tables from per-image rows, reading a finished
-split, and checking that shards fit a model configuration (``writer`` writes them).
+targets (plain and for the horizontally flipped image) at each training scale of the split
+(metadata ``train_scales``: the image is stored once, only the small target lists repeat).
+This module owns the schema, the metadata every shard carries, building Arrow tables from
+per-image rows, reading a finished split, and checking that shards fit a model configuration
+(``writer`` writes them).
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from maskrcnn.anchors import anchor_config_hash, anchor_signature
 from maskrcnn.config import ModelConfig, RPNConfig
 from pipeline.io import storage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = b"maskrcnn"
 MANIFEST = "manifest.json"
 PART_GLOB = "part-*.parquet"
 
 _BOXES = pa.list_(pa.list_(pa.float32(), 4))
 _INDICES = pa.list_(pa.int32())
+# One entry per training scale (metadata ``train_scales``, in order).
+_SCALED_BOXES = pa.list_(_BOXES)
+_SCALED_INDICES = pa.list_(_INDICES)
 
 SCHEMA = pa.schema(
     [
@@ -39,13 +44,18 @@ SCHEMA = pa.schema(
         ("labels", pa.list_(pa.int32())),
         ("iscrowd", pa.list_(pa.bool_())),
         ("masks", pa.list_(pa.binary())),
-        ("rpn_pos", _INDICES),
-        ("rpn_pos_deltas", _BOXES),
-        ("rpn_ignore", _INDICES),
+        # Canvas pixels per original pixel at each training scale (like ``scale``): the image
+        # at scale k is the stored one resized to round(h * s_k) x round(w * s_k).
+        ("target_scales", pa.list_(pa.float32())),
+        # The RPN targets, one list per training scale, of that scale's image top-left on the
+        # canvas.
+        ("rpn_pos", _SCALED_INDICES),
+        ("rpn_pos_deltas", _SCALED_BOXES),
+        ("rpn_ignore", _SCALED_INDICES),
         # Targets for the horizontally flipped image (docs/design.md: stored, not permuted).
-        ("rpn_flip_pos", _INDICES),
-        ("rpn_flip_pos_deltas", _BOXES),
-        ("rpn_flip_ignore", _INDICES),
+        ("rpn_flip_pos", _SCALED_INDICES),
+        ("rpn_flip_pos_deltas", _SCALED_BOXES),
+        ("rpn_flip_ignore", _SCALED_INDICES),
         # Each mask cropped to its pixel rectangle (x1, y1, x2, y2 at the resized size) as
         # compressed RLE: the loader decodes and pastes only the crop, several times faster
         # than the full-size ``masks`` (docs/benchmarks.md, "Loader").
@@ -53,20 +63,16 @@ SCHEMA = pa.schema(
         ("mask_crops", pa.list_(pa.binary())),
     ]
 )
-_FIXED4_COLUMNS = {
-    "boxes": np.float32,
-    "rpn_pos_deltas": np.float32,
-    "rpn_flip_pos_deltas": np.float32,
-    "mask_crop_boxes": np.int32,
-}
-_NUMERIC_LIST_COLUMNS = {
-    "labels": np.int32,
-    "iscrowd": np.bool_,
-    "rpn_pos": np.int32,
-    "rpn_ignore": np.int32,
-    "rpn_flip_pos": np.int32,
-    "rpn_flip_ignore": np.int32,
-}
+_FIXED4_COLUMNS = {"boxes": np.float32, "mask_crop_boxes": np.int32}
+_NUMERIC_LIST_COLUMNS = {"labels": np.int32, "iscrowd": np.bool_, "target_scales": np.float32}
+TARGET_COLUMNS = (
+    "rpn_pos",
+    "rpn_pos_deltas",
+    "rpn_ignore",
+    "rpn_flip_pos",
+    "rpn_flip_pos_deltas",
+    "rpn_flip_ignore",
+)
 
 
 def matching_params(rpn: RPNConfig) -> dict[str, float]:
@@ -90,6 +96,7 @@ def shard_metadata(
     annotation_sha256: str,
     split: str,
     image_format: str,
+    train_scales: Sequence[float] = (1.0,),
 ) -> dict[str, Any]:
     """The JSON metadata stored in every shard of a split and in its manifest."""
     signature = anchor_signature(model_config.canvas, model_config.anchors)
@@ -107,6 +114,7 @@ def shard_metadata(
         ],
         "annotation_sha256": annotation_sha256,
         "image_format": image_format,
+        "train_scales": [float(r) for r in train_scales],
     }
 
 
@@ -119,7 +127,11 @@ def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     columns = []
     for field in SCHEMA:
         values = [row[field.name] for row in rows]
-        if field.name in _FIXED4_COLUMNS:
+        if field.name in TARGET_COLUMNS:
+            width = 4 if field.name.endswith("deltas") else None
+            dtype = np.float32 if width else np.int32
+            columns.append(_scaled_list_array(values, dtype, width=width))
+        elif field.name in _FIXED4_COLUMNS:
             columns.append(_list_array(values, _FIXED4_COLUMNS[field.name], width=4))
         elif field.name in _NUMERIC_LIST_COLUMNS:
             columns.append(_list_array(values, _NUMERIC_LIST_COLUMNS[field.name]))
@@ -137,6 +149,16 @@ def _list_array(values: Sequence[Any], dtype: type, *, width: int | None = None)
     if width is not None:
         items = pa.FixedSizeListArray.from_arrays(items, width)
     return pa.ListArray.from_arrays(pa.array(offsets), items)
+
+
+def _scaled_list_array(
+    values: Sequence[Sequence[Any]], dtype: type, *, width: int | None = None
+) -> pa.Array:
+    """A list (one entry per scale) of lists per row, from per-row lists of numpy arrays."""
+    inner = _list_array([v for row in values for v in row], dtype, width=width)
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([len(row) for row in values], out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
 def read_manifest(split_dir: storage.Location) -> dict[str, Any]:
@@ -179,8 +201,14 @@ def shard_files(
     return fs, paths
 
 
-def check_compatible(source: storage.Location | dict[str, Any], model_config: ModelConfig) -> dict:
-    """The shards' metadata, or ValueError when they were built for other anchors or matching.
+def check_compatible(
+    source: storage.Location | dict[str, Any],
+    model_config: ModelConfig,
+    *,
+    train_scales: Sequence[float] | None = None,
+) -> dict:
+    """The shards' metadata, or ValueError when they were built for other anchors or matching,
+    or (when ``train_scales`` is given) with targets for other training scales.
 
     ``source`` is a split directory (its manifest is read) or metadata already read.
     """
@@ -200,5 +228,12 @@ def check_compatible(source: storage.Location | dict[str, Any], model_config: Mo
             f"{metadata.get('anchor_config_hash')}, but the model has canvas {model_config.canvas} "
             f"and anchor config hash {expected}: run the preprocess stage with the model's "
             "canvas, anchors and RPN thresholds"
+        )
+    stored = metadata.get("train_scales")
+    if train_scales is not None and stored != [float(r) for r in train_scales]:
+        raise ValueError(
+            f"{where} hold RPN targets for train_scales {stored}, but the training asks for "
+            f"{[float(r) for r in train_scales]}: run the preprocess stage with "
+            "preprocess.train_scales set as the training wants"
         )
     return metadata

@@ -1,10 +1,15 @@
-"""Shards -> model-ready batches: decode, paste on the canvas, optional flip, fresh RPN sample.
+"""Shards -> model-ready batches: decode, pick a training scale, paste on the canvas, optional
+flip, fresh RPN sample.
 
 ``decode_batch`` is the one place where a batch of shard rows becomes the model's input
 (docs/design.md, "Model inputs"). Two ways to feed it: ``iter_batches`` reads shards with plain
 pyarrow (tests, benchmarks, single-process use), and ``ray_dataset`` + ``make_collate_fn`` go
 through Ray Data's ``iter_torch_batches`` for training. Crowd instances are dropped from the RoI
 targets here: preprocessing kept them only to shape the RPN targets.
+
+Multi-scale shards (metadata ``train_scales``) hold one set of RPN targets per scale: each image
+gets one scale drawn uniformly each time it is yielded, its stored image and mask crops are
+resized to that scale and its boxes scaled. With a single scale nothing is drawn or resized.
 """
 
 from __future__ import annotations
@@ -21,14 +26,15 @@ import torch
 from pycocotools import mask as mask_utils
 from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import Tensor
+from torchvision.transforms.v2.functional import resize
 
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.box_ops import hflip_boxes
 from maskrcnn.config import ModelConfig
 from maskrcnn.rpn_targets import RPNTargets, sample_rpn_targets
 from pipeline.io import storage
-from pipeline.io.images import decode_chw
-from pipeline.shards.schema import check_compatible, shard_files
+from pipeline.io.images import decode_chw, resized_size
+from pipeline.shards.schema import TARGET_COLUMNS, check_compatible, shard_files
 
 __all__ = [
     "ShardCollateFn",
@@ -40,10 +46,11 @@ __all__ = [
 ]
 
 Batch = pa.Table | Mapping[str, Any]
-_FIXED4 = ("boxes", "rpn_pos_deltas", "rpn_flip_pos_deltas", "mask_crop_boxes")
-_INDEX_LISTS = ("labels", "iscrowd", "rpn_pos", "rpn_ignore", "rpn_flip_pos", "rpn_flip_ignore")
+_FIXED4 = ("boxes", "mask_crop_boxes")
+_INDEX_LISTS = ("labels", "iscrowd", "target_scales")
+_SCALARS = ("image_id", "height", "width", "scale")
 # What decode_batch reads: the full-size ``masks`` are left on disk (the crops say the same).
-COLUMNS = ("image", "mask_crops", *_FIXED4, *_INDEX_LISTS)
+COLUMNS = (*_SCALARS, "image", "mask_crops", *_FIXED4, *_INDEX_LISTS, *TARGET_COLUMNS)
 
 
 def decode_batch(
@@ -61,20 +68,22 @@ def decode_batch(
     ``batch`` is a pyarrow Table of shard rows, or a dict of columns (numpy arrays as Ray's
     numpy batch format gives them, or lists). Each image is flipped horizontally with
     probability ``flip_prob`` (within its own width, using the stored flipped RPN targets);
-    the RPN's anchor sample is drawn fresh from ``generator``.
+    with several stored scales, one is drawn uniformly per image first. The RPN's anchor
+    sample is drawn fresh from ``generator``.
     """
     rows = _columns(batch)
     images = np.zeros((len(rows["image"]), 3, canvas, canvas), dtype=np.uint8)
     targets = []
     for i, canvas_image in enumerate(images):
+        k, size, ratio = _draw_scale(rows, i, generator)
         flip = flip_prob > 0 and float(torch.rand((), generator=generator)) < flip_prob
-        width = _paste_image(canvas_image, rows["image"][i], flip=flip)
+        width = _paste_image(canvas_image, rows["image"][i], flip=flip, size=size)
         keep = ~rows["iscrowd"][i].astype(bool)
         prefix = "rpn_flip_" if flip else "rpn_"
         stored = RPNTargets(
-            pos=torch.from_numpy(rows[prefix + "pos"][i].astype(np.int64)),
-            pos_deltas=torch.from_numpy(np.array(rows[prefix + "pos_deltas"][i], np.float32)),
-            ignore=torch.from_numpy(rows[prefix + "ignore"][i].astype(np.int64)),
+            pos=torch.from_numpy(rows[prefix + "pos"][i][k].astype(np.int64)),
+            pos_deltas=torch.from_numpy(np.array(rows[prefix + "pos_deltas"][i][k], np.float32)),
+            ignore=torch.from_numpy(rows[prefix + "ignore"][i][k].astype(np.int64)),
         )
         sample = sample_rpn_targets(
             stored,
@@ -83,14 +92,15 @@ def decode_batch(
             positive_fraction=positive_fraction,
             generator=generator,
         )
-        crops = [c for c, k in zip(rows["mask_crops"][i], keep, strict=True) if k]
+        crops = [c for c, kept in zip(rows["mask_crops"][i], keep, strict=True) if kept]
+        rects = rows["mask_crop_boxes"][i][keep]
+        if size is not None:
+            crops, rects = _resize_crops(crops, rects, _stored_size(rows, i), size)
         targets.append(
             {
-                "boxes": _boxes(rows["boxes"][i][keep], width, flip=flip),
+                "boxes": _boxes(rows["boxes"][i][keep] * ratio, width, flip=flip),
                 "labels": torch.from_numpy(rows["labels"][i][keep].astype(np.int64)),
-                "masks": _canvas_masks(
-                    crops, rows["mask_crop_boxes"][i][keep], width, canvas, flip=flip
-                ),
+                "masks": _canvas_masks(crops, rects, width, canvas, flip=flip),
                 "rpn_idx": sample.idx,
                 "rpn_labels": sample.labels,
                 "rpn_deltas": sample.deltas,
@@ -99,12 +109,58 @@ def decode_batch(
     return torch.from_numpy(images), targets
 
 
-def _paste_image(canvas_image: np.ndarray, data: bytes, *, flip: bool) -> int:
+def _draw_scale(
+    rows: dict[str, list[Any]], i: int, generator: torch.Generator | None
+) -> tuple[int, tuple[int, int] | None, float]:
+    """Row ``i``'s training scale: its index, the image size there (None: the stored one) and
+    the box factor from the stored image. A single stored scale draws nothing."""
+    scales = rows["target_scales"][i]
+    k = 0 if len(scales) == 1 else int(torch.randint(len(scales), (), generator=generator))
+    stored = float(rows["scale"][i])
+    if float(scales[k]) == stored:
+        return k, None, 1.0
+    size = resized_size(int(rows["height"][i]), int(rows["width"][i]), float(scales[k]))
+    return k, size, float(scales[k]) / stored
+
+
+def _stored_size(rows: dict[str, list[Any]], i: int) -> tuple[int, int]:
+    return resized_size(int(rows["height"][i]), int(rows["width"][i]), float(rows["scale"][i]))
+
+
+def _resize_crops(
+    crops: list[bytes], rects: np.ndarray, stored: tuple[int, int], size: tuple[int, int]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Mask crops (decoded) and their rectangles at another image size: rectangle corners
+    scaled and rounded, pixels by nearest neighbour; a non-empty crop keeps at least a pixel."""
+    qy, qx = size[0] / stored[0], size[1] / stored[1]
+    out_crops, out_rects = [], np.zeros((len(crops), 4), dtype=np.int64)
+    for j, (crop, (x1, y1, x2, y2)) in enumerate(zip(crops, rects, strict=True)):
+        if x2 <= x1:
+            out_crops.append(b"")
+            continue
+        pixels = mask_utils.decode({"size": [int(y2 - y1), int(x2 - x1)], "counts": crop})
+        nx1, ny1 = min(round(x1 * qx), size[1] - 1), min(round(y1 * qy), size[0] - 1)
+        nx2 = min(max(nx1 + 1, round(x2 * qx)), size[1])
+        ny2 = min(max(ny1 + 1, round(y2 * qy)), size[0])
+        ys = ((np.arange(ny2 - ny1) + 0.5) * (y2 - y1) / (ny2 - ny1)).astype(np.int64)
+        xs = ((np.arange(nx2 - nx1) + 0.5) * (x2 - x1) / (nx2 - nx1)).astype(np.int64)
+        out_crops.append(pixels[np.ix_(ys, xs)])
+        out_rects[j] = (nx1, ny1, nx2, ny2)
+    return out_crops, out_rects
+
+
+def _paste_image(
+    canvas_image: np.ndarray, data: bytes, *, flip: bool, size: tuple[int, int] | None = None
+) -> int:
     """Decode an encoded image into the top-left of ``canvas_image`` [3, S, S]; its width.
+    ``size`` (height, width) resizes it first (bilinear, antialiased, as preprocess resizes).
 
     ``decode_chw`` is the decoder evaluation and serving use too, channels-first as pasted.
     """
-    pixels = decode_chw(data).numpy()
+    decoded = decode_chw(data)
+    if size is not None and tuple(decoded.shape[1:]) != size:
+        decoded = resize(decoded.contiguous(), list(size), antialias=True)
+    pixels = decoded.numpy()
     height, width = pixels.shape[1:]
     if height > canvas_image.shape[1] or width > canvas_image.shape[2]:
         raise ValueError(f"a {height}x{width} image does not fit the canvas {canvas_image.shape}")
@@ -119,15 +175,19 @@ def _boxes(boxes: np.ndarray, width: int, *, flip: bool) -> Tensor:
 
 
 def _canvas_masks(
-    crops: list[bytes], rects: np.ndarray, width: int, canvas: int, *, flip: bool
+    crops: list[bytes | np.ndarray], rects: np.ndarray, width: int, canvas: int, *, flip: bool
 ) -> Tensor:
-    """``[N, S, S]`` masks from the stored crops, each pasted at its rectangle (mirrored about
-    the image width when flipped). Only the crops are decoded: far less than N full masks."""
+    """``[N, S, S]`` masks from the crops (RLE, or pixels already decoded), each pasted at its
+    rectangle (mirrored about the image width when flipped). Only the crops are decoded: far
+    less than N full masks."""
     out = np.zeros((len(crops), canvas, canvas), dtype=np.uint8)
     for mask, crop, (x1, y1, x2, y2) in zip(out, crops, rects, strict=True):
         if x2 <= x1:
             continue  # the instance vanished at this size
-        pixels = mask_utils.decode({"size": [int(y2 - y1), int(x2 - x1)], "counts": crop})
+        if isinstance(crop, np.ndarray):
+            pixels = crop
+        else:
+            pixels = mask_utils.decode({"size": [int(y2 - y1), int(x2 - x1)], "counts": crop})
         if flip:
             mask[y1:y2, width - x2 : width - x1] = pixels[:, ::-1]
         else:
@@ -143,10 +203,15 @@ def _columns(batch: Batch) -> dict[str, list[Any]]:
         "image": list(batch["image"]),
         "mask_crops": [list(m) for m in batch["mask_crops"]],
     }
+    for name in _SCALARS:
+        rows[name] = list(batch[name])
     for name in _FIXED4:
         rows[name] = [_fixed4(v) for v in batch[name]]
     for name in _INDEX_LISTS:
         rows[name] = [np.asarray(v) for v in batch[name]]
+    for name in TARGET_COLUMNS:
+        per_scale = _fixed4 if name.endswith("deltas") else np.asarray
+        rows[name] = [[per_scale(s) for s in v] for v in batch[name]]
     return rows
 
 
@@ -162,16 +227,32 @@ def _arrow_columns(table: pa.Table) -> dict[str, list[Any]]:
         "image": table["image"].to_pylist(),
         "mask_crops": table["mask_crops"].to_pylist(),
     }
+    for name in _SCALARS:
+        rows[name] = table[name].to_numpy().tolist()
     for name in (*_FIXED4, *_INDEX_LISTS):
+        rows[name] = _split_list(table[name].combine_chunks(), fixed4=name in _FIXED4)
+    for name in TARGET_COLUMNS:
         column = table[name].combine_chunks()
-        offsets = column.offsets.to_numpy()
-        values = column.flatten()
-        if name in _FIXED4:
-            flat = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
-        else:
-            flat = values.to_numpy(zero_copy_only=False)
-        rows[name] = [flat[a:b] for a, b in itertools.pairwise(offsets)]
+        inner = _split_list(column.flatten(), fixed4=name.endswith("deltas"))
+        outer = _rebased_offsets(column)
+        rows[name] = [inner[a:b] for a, b in itertools.pairwise(outer)]
     return rows
+
+
+def _rebased_offsets(column: pa.ListArray) -> np.ndarray:
+    """A list array's offsets from 0 (a sliced array's offsets point into its parent)."""
+    offsets = column.offsets.to_numpy()
+    return offsets - offsets[0]
+
+
+def _split_list(column: pa.ListArray, *, fixed4: bool) -> list[np.ndarray]:
+    """A list column's per-row numpy arrays ([n, 4] for fixed-size-4 items) by its offsets."""
+    values = column.flatten()
+    if fixed4:
+        flat = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
+    else:
+        flat = values.to_numpy(zero_copy_only=False)
+    return [flat[a:b] for a, b in itertools.pairwise(_rebased_offsets(column))]
 
 
 def iter_batches(
@@ -183,13 +264,15 @@ def iter_batches(
     seed: int = 0,
     flip_prob: float = 0.0,
     drop_last: bool = False,
+    train_scales: tuple[float, ...] | None = None,
 ) -> Iterator[tuple[Tensor, list[dict[str, Tensor]]]]:
     """Model-ready batches from a split's shards, without Ray; one shard in memory at a time.
 
     ``shuffle`` permutes the shard order and the rows within each shard (by ``seed``).
-    ``split_dir`` is a local path or a URI.
+    ``split_dir`` is a local path or a URI. ``train_scales``, when given, must be the scales
+    the shards hold targets for (else ValueError).
     """
-    metadata = check_compatible(split_dir, model_config)
+    metadata = check_compatible(split_dir, model_config, train_scales=train_scales)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     filesystem, paths = shard_files(split_dir, manifest=metadata)
@@ -221,14 +304,17 @@ def ray_dataset(
     *,
     model_config: ModelConfig | None = None,
     manifest: Mapping[str, Any] | None = None,
+    train_scales: tuple[float, ...] | None = None,
 ) -> ray.data.Dataset:
-    """A Ray dataset over a split's shards (after checking them against ``model_config``).
+    """A Ray dataset over a split's shards (after checking them against ``model_config`` and,
+    when given, the ``train_scales`` the training asks for).
 
     ``split_dir`` must be a location every node reads: a shared path or an object store URI.
     ``manifest`` is the split's manifest when the caller has already read it.
     """
     if model_config is not None:
-        manifest = check_compatible(manifest or split_dir, model_config)
+        source = dict(manifest) if manifest is not None else split_dir
+        manifest = check_compatible(source, model_config, train_scales=train_scales)
     filesystem, paths = shard_files(split_dir, manifest=manifest)
     return ray.data.read_parquet(paths, filesystem=filesystem, columns=list(COLUMNS))
 

@@ -123,7 +123,8 @@ def test_rpn_sample_comes_from_the_stored_pools_and_is_fresh(table):
     _, second = _decode(table, seed=2)
     rows = table.to_pylist()
     for row, target in zip(rows, first, strict=True):
-        _check_rpn_sample(target, row["rpn_pos"], row["rpn_pos_deltas"], row["rpn_ignore"])
+        stored = (row["rpn_pos"][0], row["rpn_pos_deltas"][0], row["rpn_ignore"][0])
+        _check_rpn_sample(target, *stored)
     assert not _same_samples(first, second)
 
 
@@ -140,9 +141,8 @@ def test_flip_mirrors_image_masks_boxes_within_the_image_width(table):
         mask_boxes = masks_to_boxes(plain[i]["masks"].numpy())
         mask_boxes[:, [0, 2]] = w - mask_boxes[:, [2, 0]]
         np.testing.assert_array_equal(masks_to_boxes(targets[i]["masks"].numpy()), mask_boxes)
-        _check_rpn_sample(
-            targets[i], row["rpn_flip_pos"], row["rpn_flip_pos_deltas"], row["rpn_flip_ignore"]
-        )
+        names = ("rpn_flip_pos", "rpn_flip_pos_deltas", "rpn_flip_ignore")
+        _check_rpn_sample(targets[i], *(row[name][0] for name in names))
 
 
 def test_numpy_batches_as_ray_gives_them_decode_like_arrow(table):

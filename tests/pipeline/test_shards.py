@@ -84,13 +84,16 @@ def test_rows_round_trip_through_arrow_with_the_contract_types(shapes_rows):
     for row, stored in zip(rows, back, strict=True):
         assert stored["image_id"] == row["image_id"] and stored["image"] == row["image"]
         np.testing.assert_array_equal(np.array(stored["boxes"]).reshape(-1, 4), row["boxes"])
-        np.testing.assert_array_equal(stored["rpn_ignore"], row["rpn_ignore"])
+        # One entry per training scale (here the default, [1.0]).
+        assert len(stored["rpn_ignore"]) == len(stored["target_scales"]) == 1
+        np.testing.assert_array_equal(stored["rpn_ignore"][0], row["rpn_ignore"][0])
         np.testing.assert_array_equal(
-            np.array(stored["rpn_flip_pos_deltas"]).reshape(-1, 4), row["rpn_flip_pos_deltas"]
+            np.array(stored["rpn_flip_pos_deltas"][0]).reshape(-1, 4),
+            row["rpn_flip_pos_deltas"][0],
         )
         assert stored["masks"] == row["masks"]
         assert stored["iscrowd"] == row["iscrowd"].tolist()
-    assert any(len(r["rpn_ignore"]) for r in rows) and any(len(r["boxes"]) == 0 for r in rows)
+    assert any(len(r["rpn_ignore"][0]) for r in rows) and any(len(r["boxes"]) == 0 for r in rows)
 
 
 def test_split_is_cut_into_ordered_shards_with_metadata(tmp_path, shapes_rows):
