@@ -1,10 +1,11 @@
 """Mask pasting: box-sized mask probabilities onto the canvas, and the canvas back to the image.
 
-``paste_masks`` is torchvision's ``paste_masks_in_image`` for all of an image's detections at
-once. ``to_original`` maps one image's detections from canvas coordinates back to the original
-image: the image was resized by ``scale`` and placed at the canvas's top-left, so boxes divide by
-``scale`` and each mask's probability map is cropped to the resized image
-(``round(h * scale) x round(w * scale)``), resized bilinearly to ``H x W`` and thresholded.
+``paste_masks`` is torchvision's ``paste_masks_in_image``, for all of an image's detections at
+once on an accelerator. ``to_original`` maps one image's detections from canvas coordinates
+back to the original image: the image was resized by ``scale`` and placed at the canvas's
+top-left, so boxes divide by ``scale`` and each mask's probability map is cropped to the
+resized image (``round(h * scale) x round(w * scale)``), resized bilinearly to ``H x W`` and
+thresholded.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.roi_heads import expand_boxes
+from torchvision.models.detection.roi_heads import expand_boxes, paste_masks_in_image
 
 # Masks are resized this many at a time, to bound the float memory at the output size.
 _MASK_CHUNK = 16
@@ -33,6 +34,20 @@ class _Taps(NamedTuple):
 def paste_masks(masks: Tensor, boxes: Tensor, size: tuple[int, int], padding: int = 1) -> Tensor:
     """``masks [N, 1, M, M]`` (probabilities over each box) pasted at ``boxes [N, 4]`` on an
     ``H x W`` image -> ``[N, 1, H, W]`` float32, as torchvision's ``paste_masks_in_image``.
+
+    On an accelerator, ``paste_masks_batched``. On the CPU, torchvision's own loop: reading box
+    corners costs nothing there, and it works only inside each box, where the batched paste
+    computes every pixel of every detection (slower on CPU, docs/benchmarks.md, "GPU").
+    """
+    if masks.device.type == "cpu":
+        return paste_masks_in_image(masks.float(), boxes, size, padding=padding)
+    return paste_masks_batched(masks, boxes, size, padding)
+
+
+def paste_masks_batched(
+    masks: Tensor, boxes: Tensor, size: tuple[int, int], padding: int = 1
+) -> Tensor:
+    """``paste_masks`` for all of an image's detections at once, with no host sync.
 
     torchvision resizes and slices one detection at a time, reading each box's corners back to
     the host (several host syncs per detection, up to 100 per image). Here the box corners stay

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from maskrcnn import to_original
-from maskrcnn.postprocess import paste_masks
+from maskrcnn.postprocess import paste_masks, paste_masks_batched
 
 # torchvision's and our paste compute the same bilinear weights in float32, but ATen's kernel
 # fuses the source coordinate's multiply-add (one rounding, ours two), so values agree to a few
@@ -107,16 +107,20 @@ def test_batched_paste_equals_torchvision(device, height, width):
     masks = torch.rand(300, 1, 28, 28, generator=gen).to(device)
     boxes = many_boxes(300, height, width).to(device)
     expected = paste_masks_in_image(masks, boxes, (height, width))
-    got = paste_masks(masks, boxes, (height, width))
+    got = paste_masks_batched(masks, boxes, (height, width))
     assert got.shape == expected.shape == (300, 1, height, width)
     assert got.dtype == torch.float32 and got.device == masks.device
     assert (expected > 0).sum() > 100_000  # the boxes do paste a lot
     torch.testing.assert_close(got, expected, rtol=0, atol=PASTE_ATOL)
+    torch.testing.assert_close(
+        paste_masks(masks, boxes, (height, width)), expected, rtol=0, atol=PASTE_ATOL
+    )
 
 
 def test_batched_paste_of_no_detections(device):
-    out = paste_masks(torch.zeros(0, 1, 28, 28, device=device), torch.zeros(0, 4), (40, 50))
-    assert out.shape == (0, 1, 40, 50)
+    for paste in (paste_masks, paste_masks_batched):
+        none = torch.zeros(0, 1, 28, 28, device=device)
+        assert paste(none, torch.zeros(0, 4, device=device), (40, 50)).shape == (0, 1, 40, 50)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
@@ -126,6 +130,7 @@ def test_batched_paste_does_not_sync_with_the_host():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        paste_masks_batched(masks, boxes, (128, 128))
         paste_masks(masks, boxes, (128, 128))
     finally:
         torch.cuda.set_sync_debug_mode("default")
