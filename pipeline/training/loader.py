@@ -75,7 +75,7 @@ def decode_batch(
     images = np.zeros((len(rows["image"]), 3, canvas, canvas), dtype=np.uint8)
     targets = []
     for i, canvas_image in enumerate(images):
-        k, size, ratio = _draw_scale(rows, i, generator)
+        k, size = _draw_scale(rows, i, generator)
         flip = flip_prob > 0 and float(torch.rand((), generator=generator)) < flip_prob
         width = _paste_image(canvas_image, rows["image"][i], flip=flip, size=size)
         keep = ~rows["iscrowd"][i].astype(bool)
@@ -93,12 +93,14 @@ def decode_batch(
             generator=generator,
         )
         crops = [c for c, kept in zip(rows["mask_crops"][i], keep, strict=True) if kept]
-        rects = rows["mask_crop_boxes"][i][keep]
+        rects, boxes = rows["mask_crop_boxes"][i][keep], rows["boxes"][i][keep]
         if size is not None:
-            crops, rects = _resize_crops(crops, rects, _stored_size(rows, i), size)
+            stored_size = _stored_size(rows, i)
+            crops, rects = _resize_crops(crops, rects, stored_size, size)
+            boxes = _scaled_boxes(boxes, stored_size, size)
         targets.append(
             {
-                "boxes": _boxes(rows["boxes"][i][keep] * ratio, width, flip=flip),
+                "boxes": _boxes(boxes, width, flip=flip),
                 "labels": torch.from_numpy(rows["labels"][i][keep].astype(np.int64)),
                 "masks": _canvas_masks(crops, rects, width, canvas, flip=flip),
                 "rpn_idx": sample.idx,
@@ -111,16 +113,21 @@ def decode_batch(
 
 def _draw_scale(
     rows: dict[str, list[Any]], i: int, generator: torch.Generator | None
-) -> tuple[int, tuple[int, int] | None, float]:
-    """Row ``i``'s training scale: its index, the image size there (None: the stored one) and
-    the box factor from the stored image. A single stored scale draws nothing."""
+) -> tuple[int, tuple[int, int] | None]:
+    """Row ``i``'s training scale: its index and the image size there (None: the stored one).
+    A single stored scale draws nothing, so the default stream is the single-scale one."""
     scales = rows["target_scales"][i]
     k = 0 if len(scales) == 1 else int(torch.randint(len(scales), (), generator=generator))
-    stored = float(rows["scale"][i])
-    if float(scales[k]) == stored:
-        return k, None, 1.0
-    size = resized_size(int(rows["height"][i]), int(rows["width"][i]), float(scales[k]))
-    return k, size, float(scales[k]) / stored
+    if float(scales[k]) == float(rows["scale"][i]):
+        return k, None
+    return k, resized_size(int(rows["height"][i]), int(rows["width"][i]), float(scales[k]))
+
+
+def _scaled_boxes(boxes: np.ndarray, stored: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Boxes at another image size, per axis as preprocess scales them (reader.instance_boxes),
+    so that they are the boxes that scale's stored targets were matched to."""
+    factors = np.array([size[1] / stored[1], size[0] / stored[0]] * 2)
+    return (boxes.astype(np.float64) * factors).astype(np.float32)
 
 
 def _stored_size(rows: dict[str, list[Any]], i: int) -> tuple[int, int]:

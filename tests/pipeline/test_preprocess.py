@@ -40,14 +40,16 @@ CONTRACT = {  # ARCHITECTURE.md, "Shard format (contract)"
     "labels": pa.list_(pa.int32()),
     "iscrowd": pa.list_(pa.bool_()),
     "masks": pa.list_(pa.binary()),
-    "rpn_pos": pa.list_(pa.int32()),
-    "rpn_pos_deltas": BOXES,
-    "rpn_ignore": pa.list_(pa.int32()),
+    # one list per training scale (format 2, docs/design.md "Shards")
+    "rpn_pos": pa.list_(pa.list_(pa.int32())),
+    "rpn_pos_deltas": pa.list_(BOXES),
+    "rpn_ignore": pa.list_(pa.list_(pa.int32())),
 }
 EXTRA = {  # the flipped RPN targets (docs/design.md) and the loader's in-box mask crops
-    "rpn_flip_pos": pa.list_(pa.int32()),
-    "rpn_flip_pos_deltas": BOXES,
-    "rpn_flip_ignore": pa.list_(pa.int32()),
+    "target_scales": pa.list_(pa.float32()),
+    "rpn_flip_pos": pa.list_(pa.list_(pa.int32())),
+    "rpn_flip_pos_deltas": pa.list_(BOXES),
+    "rpn_flip_ignore": pa.list_(pa.list_(pa.int32())),
     "mask_crop_boxes": pa.list_(pa.list_(pa.int32(), 4)),
     "mask_crops": pa.list_(pa.binary()),
 }
@@ -140,8 +142,8 @@ def test_rows_hold_the_resized_image_masks_boxes_and_both_rpn_targets(train_spli
         flipped[:, [0, 2]] = w - boxes[:, [2, 0]]
         for prefix, b in (("rpn_", boxes), ("rpn_flip_", flipped)):
             expected = build_rpn_targets(grid, torch.from_numpy(b), crowd, CONFIG.rpn)
-            assert row[prefix + "pos"] == expected.pos.tolist()
-            assert row[prefix + "ignore"] == expected.ignore.tolist()
+            assert row[prefix + "pos"] == [expected.pos.tolist()]
+            assert row[prefix + "ignore"] == [expected.ignore.tolist()]
 
 
 def test_same_input_gives_byte_identical_shards(train_split, source, tmp_path):
