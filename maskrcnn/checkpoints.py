@@ -48,29 +48,59 @@ def load_torchvision_maskrcnn(model: MaskRCNN, path: str | os.PathLike) -> LoadR
     When the file has another number of classes, everything but the class-specific predictor
     layers is loaded; those keep their initialisation and the result says so.
     """
-    state = _read_state_dict(path)
+    return load_maskrcnn_state(
+        model,
+        _read_state_dict(path),
+        source=str(path),
+        what="a torchvision Mask R-CNN state dict for this model",
+    )
+
+
+def load_maskrcnn_state(
+    model: MaskRCNN,
+    state: Mapping[str, Tensor],
+    *,
+    source: str,
+    same_classes: bool = True,
+    what: str = "a Mask R-CNN state dict for this model",
+) -> LoadResult:
+    """Load a whole Mask R-CNN state dict (a parent model to fine-tune, a torchvision file).
+
+    The class-specific predictor layers (``CLASS_SPECIFIC``) keep their initialisation when
+    their shapes differ (another class count) or the caller says the classes differ
+    (``same_classes=False``: same count, other categories); the note names those layers and
+    both class counts. Every other tensor loads strictly: a missing, unexpected or misshapen
+    one is a ValueError naming ``source`` and the tensor.
+    """
+    state = dict(state)
     missing, unexpected, mismatched = _compare(model.state_dict(), state)
+    fresh = [k for k in mismatched if _class_specific(k)]
+    mismatched = [k for k in mismatched if not _class_specific(k)]
+    _raise_if_unfit(source, what, missing, unexpected, mismatched)
     skipped: list[str] = []
     note = ""
-    if (
-        mismatched
-        and not missing
-        and not unexpected
-        and all(_class_specific(k) for k in mismatched)
-    ):
+    if fresh or not same_classes:
         skipped = sorted(k for k in state if _class_specific(k))
-        file_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+        old = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+        why = "num_classes differs" if fresh else "the categories differ"
         note = (
-            f"num_classes differs (file {file_classes}, model {model.config.num_classes}): "
-            "the class-specific predictor layers keep their initialisation"
+            f"{why} (file {old}, model {model.config.num_classes}): "
+            f"{', '.join(p.rstrip('.') for p in CLASS_SPECIFIC)} start fresh"
         )
-        mismatched = []
-    _raise_if_unfit(
-        path, "a torchvision Mask R-CNN state dict for this model", missing, unexpected, mismatched
-    )
     kept = {k: v for k, v in state.items() if k not in skipped}
     model.load_state_dict(kept, strict=not skipped)
-    return LoadResult(path=str(path), loaded=len(kept), skipped=tuple(skipped), note=note)
+    return LoadResult(path=source, loaded=len(kept), skipped=tuple(skipped), note=note)
+
+
+def read_model_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict of a model file written by ``save_model`` (to fine-tune from it)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as err:
+        raise ValueError(f"{path}: cannot read a model file ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} model file")
+    return dict(payload["state_dict"])
 
 
 def load_imagenet_backbone(model: MaskRCNN, path: str | os.PathLike) -> LoadResult:

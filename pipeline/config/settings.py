@@ -13,6 +13,7 @@ worker keeps the recipe.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar, TypeVar
@@ -20,7 +21,9 @@ from typing import Any, ClassVar, TypeVar
 SCHEDULES = ("multistep", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
-INITS = ("none", "imagenet", "coco")
+INITS = ("none", "imagenet", "coco", "registry")
+# What init: registry takes: models:/<name>@<alias> or models:/<name>/<version>.
+REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 IMAGE_FORMATS = ("jpeg", "png")
 AUTO = "auto"
@@ -302,8 +305,17 @@ class TrainSettings(Section):
         )
         self._choice("init", self.init, INITS)
         self._require(
-            self.init == "none" or bool(self.weights_path),
+            self.init in ("none", "registry") or bool(self.weights_path),
             f"init: {self.init} needs weights_path (a local file; nothing is downloaded)",
+        )
+        self._require(
+            self.init != "registry" or bool(REGISTRY_URI.fullmatch(self.weights_path or "")),
+            "init: registry needs weights_path models:/<name>@<alias> or models:/<name>/<n>, "
+            f"got {self.weights_path!r}",
+        )
+        self._require(
+            self.init == "registry" or not str(self.weights_path or "").startswith("models:/"),
+            f"weights_path {self.weights_path!r} is a registered model: set init: registry",
         )
         self._require(self.max_failures >= -1, "max_failures must be >= 0, or -1 for unlimited")
         self._require(bool(self.storage_path), "storage_path must not be empty")

@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
+from pipeline.config.settings import REGISTRY_URI
 from pipeline.inference.detector import Detector
 from pipeline.io.images import ImageReadError, decode_rgb
 
@@ -145,11 +148,39 @@ def load_detector(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not str(model).startswith(("models:/", "runs:/")):
         return Detector.from_file(model, device=device)
+    files = download_model_files(str(model), tracking_uri=tracking_uri)
+    return Detector.from_file(files.model_file, categories=files.categories, device=device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFiles:
+    """A logged model's files on this machine, and the registry version it came from."""
+
+    model_file: Path
+    categories: list[dict[str, Any]] | None
+    uri: str  # as downloaded: ``models:/<name>/<version>`` for a registered model
+    name: str | None = None
+    version: int | None = None
+    run_id: str | None = None  # the run that logged the version
+
+
+def download_model_files(
+    model: str, *, tracking_uri: str | None = None, dst_dir: str | os.PathLike | None = None
+) -> ModelFiles:
+    """Download a ``models:/`` or ``runs:/`` model logged by this pipeline (into ``dst_dir``,
+    default a new temporary directory). An alias is resolved to its version first, and that
+    version is what is downloaded, so the files and the version number agree."""
     with use_tracking_uri(tracking_uri):
+        where = mlflow.get_tracking_uri()
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model)))
+            name, version, run_id = _registered_version(model)
+            uri = f"models:/{name}/{version}" if name else model
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=str(dst_dir) if dst_dir else None
+                )
+            )
         except mlflow.exceptions.MlflowException as err:
-            where = mlflow.get_tracking_uri()
             raise ValueError(f"cannot load {model} from {where}: {err.message}") from err
     flavor = Model.load(local / "MLmodel").flavors.get("python_function", {})
     artifacts = {name: local / spec["path"] for name, spec in flavor.get("artifacts", {}).items()}
@@ -158,7 +189,39 @@ def load_detector(
     categories = (
         json.loads(artifacts["categories"].read_text()) if "categories" in artifacts else None
     )
-    return Detector.from_file(artifacts["model"], categories=categories, device=device)
+    return ModelFiles(
+        model_file=artifacts["model"],
+        categories=categories,
+        uri=uri,
+        name=name,
+        version=version,
+        run_id=run_id,
+    )
+
+
+def parse_registered_uri(uri: str) -> tuple[str, str | None, int | None] | None:
+    """``models:/<name>@<alias>`` -> (name, alias, None), ``models:/<name>/<version>`` ->
+    (name, None, version); anything else -> None."""
+    match = REGISTRY_URI.fullmatch(uri)
+    if match is None:
+        return None
+    name, alias, version = match.groups()
+    return name, alias, int(version) if version else None
+
+
+def _registered_version(model: str) -> tuple[str | None, int | None, str | None]:
+    """(name, version, run id) of a ``models:/`` URI; (None, None, None) for other URIs."""
+    parsed = parse_registered_uri(model)
+    if parsed is None:
+        return None, None, None
+    name, alias, number = parsed
+    client = MlflowClient()
+    found = (
+        client.get_model_version_by_alias(name, alias)
+        if alias
+        else client.get_model_version(name, str(number))
+    )
+    return name, int(found.version), found.run_id
 
 
 @contextmanager

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConsistencyMode
 
-from maskrcnn.checkpoints import load_imagenet_backbone, load_torchvision_maskrcnn
+from maskrcnn.checkpoints import load_imagenet_backbone as load_imagenet
+from maskrcnn.checkpoints import load_maskrcnn_state, load_torchvision_maskrcnn
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.config.settings import TrainSettings
@@ -73,7 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         device=ray.train.torch.get_device(),
         drill=FaultDrill.parse(os.environ.get(FAULT_ENV)),
     )
-    resumed_from = trainer.restore(ray.train.get_checkpoint())
+    resumed_from = trainer.restore(ray.train.get_checkpoint(), parent=config.get("parent"))
     run = RunRef(**config["run"]) if config.get("run") and rank == 0 else None
     nodes = trainer.node_ids()
     tracking = attached_run(run) if run else contextlib.nullcontext()
@@ -123,11 +124,12 @@ class WorkerTrainer:
         self.meter = ThroughputMeter()
         self.model: torch.nn.Module = self.module
 
-    def restore(self, checkpoint: ray.train.Checkpoint | None) -> int:
-        """Load the latest checkpoint (every rank) or the initial weights (rank 0), then wrap
-        the model for DDP, which broadcasts rank 0's weights; return the step resumed from."""
+    def restore(self, checkpoint: ray.train.Checkpoint | None, *, parent: Any = None) -> int:
+        """Load the latest checkpoint (every rank) or the initial weights (rank 0; ``parent``:
+        init: registry), then wrap the model for DDP, which broadcasts rank 0's weights;
+        return the step resumed from."""
         if checkpoint is None:
-            self._load_initial_weights()
+            self._load_initial_weights(parent)
         else:
             with checkpoint.as_directory() as directory:
                 self.progress = read_checkpoint(
@@ -155,13 +157,19 @@ class WorkerTrainer:
         )
         return self.progress.step
 
-    def _load_initial_weights(self) -> None:
-        """Only rank 0 needs the weights file: wrapping for DDP copies its weights to all."""
+    def _load_initial_weights(self, parent: Any = None) -> None:
+        """Only rank 0 needs the weights: wrapping for DDP copies its weights to all."""
         s = self.settings
         if s.init == "none" or self.rank != 0:
             return
-        load = load_imagenet_backbone if s.init == "imagenet" else load_torchvision_maskrcnn
-        result = load(self.module, s.weights_path)
+        if s.init == "registry":  # the trainer put the parent's weights in the object store
+            weights, same = ray.get(parent["weights"]), parent["same_classes"]
+            result = load_maskrcnn_state(
+                self.module, weights, source=parent["uri"], same_classes=same
+            )
+        else:
+            load = load_imagenet if s.init == "imagenet" else load_torchvision_maskrcnn
+            result = load(self.module, s.weights_path)
         log.info(
             "initialised from %s (%s): %d tensors. %s",
             s.weights_path,

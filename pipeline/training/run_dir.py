@@ -8,26 +8,64 @@ another model) starts a fresh run instead of silently continuing the old one; th
 the recipe in full, and the MLflow run id, so that a resumed run logs into the same MLflow run.
 
 ``plan_run`` resolves the paths, reads the train split's manifest and hashes the recipe, once;
-``open_run`` finds or creates the MLflow run of the plan. The trainer and the outputs read the
-plan and recompute none of it.
+``open_run`` finds or creates the MLflow run of the plan. With ``init: registry`` the plan also
+resolves the parent model once, on the driver: the alias to a version (the version, not the
+alias, is part of the recipe: another parent is another run directory) and its weights. The
+trainer and the outputs read the plan and recompute none of it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from maskrcnn.checkpoints import read_model_state
 from maskrcnn.config import ModelConfig
 from pipeline.config.settings import RESUMABLE_CHANGES, TrackingSettings, TrainSettings
 from pipeline.io import storage
-from pipeline.registry.tracking import RunRef, open_or_create_run, resolve_tracking_uri
+from pipeline.registry.pyfunc import download_model_files
+from pipeline.registry.tracking import (
+    RunRef,
+    check_server,
+    open_or_create_run,
+    resolve_tracking_uri,
+)
 from pipeline.shards.schema import read_manifest
 
 MANIFEST = "maskrcnn_run.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParentModel:
+    """The registered model version a fine-tuning starts from, with its weights in memory."""
+
+    name: str
+    version: int
+    uri: str  # models:/<name>/<version>
+    requested: str  # weights_path as given (an alias, or the same URI)
+    run_id: str | None
+    categories: tuple[Mapping[str, Any], ...]
+    state_dict: Mapping[str, torch.Tensor] = field(repr=False, compare=False)
+
+    def same_classes(self, categories: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether the new data's classes are the parent's (same names under the same labels):
+        only then do the class-specific predictor layers keep the parent's weights."""
+        return _labels(self.categories) == _labels(categories)
+
+    def tags(self) -> dict[str, str]:
+        """What the run records about its parent (MLflow tags)."""
+        return {
+            "parent_model_name": self.name,
+            "parent_model_version": str(self.version),
+            "parent_model_uri": self.uri,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +83,7 @@ class RunPlan:
     tracking_uri: str
     experiment: str
     project_root: Path
+    parent: ParentModel | None = None  # init: registry
 
     @property
     def name(self) -> str:
@@ -72,7 +111,11 @@ def plan_run(
         settings, storage_path=storage.absolute(settings.storage_path, root=project_root)
     )
     train_dir = storage.join(storage.absolute(shards_dir), "train")
-    spec = recipe(settings, model_config)
+    tracking_uri = resolve_tracking_uri(tracking.uri, project_root=project_root)
+    parent = None
+    if settings.init == "registry":
+        parent = resolve_parent(settings.weights_path or "", tracking_uri=tracking_uri)
+    spec = recipe(settings, model_config, parent=parent)
     return RunPlan(
         settings=settings,
         model_config=model_config,
@@ -81,15 +124,41 @@ def plan_run(
         train_manifest=read_manifest(train_dir) if train_manifest is None else train_manifest,
         recipe=spec,
         recipe_hash=recipe_hash(spec),
-        tracking_uri=resolve_tracking_uri(tracking.uri, project_root=project_root),
+        tracking_uri=tracking_uri,
         experiment=tracking.experiment,
         project_root=Path(project_root),
+        parent=parent,
     )
 
 
-def recipe(settings: TrainSettings, model_config: ModelConfig) -> dict[str, Any]:
-    """The settings that define what is trained: all but those a resume may change."""
+def resolve_parent(weights_path: str, *, tracking_uri: str) -> ParentModel:
+    """Download a registered model version (alias resolved) and read its weights; the
+    downloaded files are removed again, the weights stay in memory for the workers."""
+    check_server(tracking_uri)  # a down server fails at once instead of after MLflow's retries
+    with tempfile.TemporaryDirectory(prefix="maskrcnn-parent-") as tmp:
+        files = download_model_files(weights_path, tracking_uri=tracking_uri, dst_dir=tmp)
+        state = read_model_state(files.model_file)
+    if files.name is None or files.version is None:
+        raise ValueError(f"weights_path {weights_path!r} is not a registered model version")
+    return ParentModel(
+        name=files.name,
+        version=files.version,
+        uri=files.uri,
+        requested=weights_path,
+        run_id=files.run_id,
+        categories=tuple(files.categories or ()),
+        state_dict=state,
+    )
+
+
+def recipe(
+    settings: TrainSettings, model_config: ModelConfig, *, parent: ParentModel | None = None
+) -> dict[str, Any]:
+    """The settings that define what is trained: all but those a resume may change. A
+    parent model enters as its version (``models:/<name>/<n>``), not as the alias asked for."""
     train = {k: v for k, v in settings.to_dict().items() if k not in RESUMABLE_CHANGES}
+    if parent is not None:
+        train["weights_path"] = parent.uri
     return json.loads(json.dumps({"train": train, "model": model_config.to_dict()}))
 
 
@@ -118,3 +187,7 @@ def open_run(plan: RunPlan) -> RunRef:
     manifest = {"recipe": plan.recipe, "mlflow_run_id": run.run_id}
     storage.write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     return run
+
+
+def _labels(categories: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
+    return sorted((int(c["label"]), str(c["name"])) for c in categories)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.data
 import torch
 from mlflow.tracking import MlflowClient
@@ -137,6 +138,7 @@ def make_trainer(*, plan: RunPlan, run: RunRef | None) -> TorchTrainer:
                 "settings": settings.to_dict(),
                 "model": plan.model_config.to_dict(),
                 "run": run.to_dict() if run else None,
+                "parent": _parent_config(plan),
             },
             torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
@@ -190,8 +192,32 @@ def _start_run(plan: RunPlan) -> RunRef:
         },
     )
     datasets = shard_inputs(plan.shards_dir, known={"train": plan.train_manifest})
-    log_shard_inputs(MlflowClient(run.tracking_uri), run.run_id, datasets)
+    client = MlflowClient(run.tracking_uri)
+    log_shard_inputs(client, run.run_id, datasets)
+    for key, value in (plan.parent.tags() if plan.parent else {}).items():
+        client.set_tag(run.run_id, key, value)
     return run
+
+
+def _parent_config(plan: RunPlan) -> dict[str, Any] | None:
+    """The parent model for rank 0: its weights go into the Ray object store once, here, and
+    the workers get the reference. Rank 0 may run on another node, which cannot see a
+    driver-local file; the object lives as long as the driver that owns it, i.e. the fit (a
+    restarted worker group fetches it again), and writes nothing to ``storage_path``."""
+    parent = plan.parent
+    if parent is None:
+        return None
+    categories = plan.train_manifest.get("categories", [])
+    same = parent.same_classes(categories)
+    log.info(
+        "fine-tuning from %s (%s): %d classes in the parent, %d here%s",
+        parent.uri,
+        parent.requested,
+        len(parent.categories) + 1,
+        len(categories) + 1,
+        "" if same else ": its class-specific predictor layers start fresh",
+    )
+    return {"weights": ray.put(dict(parent.state_dict)), "uri": parent.uri, "same_classes": same}
 
 
 def _fit(
