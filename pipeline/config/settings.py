@@ -13,6 +13,7 @@ worker keeps the recipe.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -22,6 +23,8 @@ SCHEDULES = ("multistep", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
 INITS = ("none", "imagenet", "coco", "registry")
+SELECTS = ("best", "last")
+DEFAULT_STEPS = 1000  # the run length when neither train.steps nor train.epochs is set
 # What init: registry takes: models:/<name>@<alias> or models:/<name>/<version>.
 REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -39,6 +42,7 @@ RESUMABLE_CHANGES = frozenset(
         "cpus_per_worker",
         "placement_strategy",
         "steps",
+        "epochs",
         "checkpoint_every",
         "keep_checkpoints",
         "max_failures",
@@ -244,15 +248,18 @@ class TrainSettings(Section):
     batch_per_worker: int = 2
     # optimisation
     optimizer: str = "sgd"  # adamw: betas (0.9, 0.999); momentum is SGD's only
-    steps: int = 1000
+    steps: int | None = None  # exactly one of steps and epochs (neither: DEFAULT_STEPS)
+    epochs: int | None = None  # steps = epochs * ceil(train images / global batch)
     base_lr: float = 0.02
     lr_reference_batch: int = 16
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     warmup_factor: float = 0.001
+    warmup_epochs: float | None = None  # replaces warmup_steps when set
     schedule: str = "multistep"
     milestones: tuple[int, ...] = ()
+    milestones_epochs: tuple[float, ...] = ()  # instead of milestones
     gamma: float = 0.1
     grad_clip: float = 0.0
     grad_accum: int = 1
@@ -261,6 +268,12 @@ class TrainSettings(Section):
     repeat_factor_threshold: float = 0.0  # LVIS repeat-factor sampling; 0 = off
     init: str = "none"
     weights_path: str | None = None
+    ema_decay: float = 0.0  # EMA of the weights; 0 = off (pipeline.training.ema)
+    # evaluation during training and the model written (pipeline.training.periodic_eval)
+    eval_every: int = 0  # steps; 0 = off
+    eval_images: int | None = None  # val images per evaluation; None = all
+    select: str = "last"  # best (highest eval segm AP) or last
+    patience: int = 0  # evaluations without improvement before stopping; 0 = off
     # fault tolerance
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -275,7 +288,9 @@ class TrainSettings(Section):
         self._require(self.num_workers >= 1, "num_workers must be >= 1")
         self._require(self.cpus_per_worker > 0, "cpus_per_worker must be > 0")
         self._choice("placement_strategy", self.placement_strategy, PLACEMENTS)
-        for name in ("batch_per_worker", "steps", "lr_reference_batch", "grad_accum"):
+        self._check_length()
+        self._check_selection()
+        for name in ("batch_per_worker", "lr_reference_batch", "grad_accum"):
             self._require(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
             self._require(getattr(self, name) >= 1, f"{name} must be >= 1")
@@ -288,11 +303,25 @@ class TrainSettings(Section):
         self._choice("schedule", self.schedule, SCHEDULES)
         self._require(0 < self.gamma <= 1, "gamma must be in (0, 1]")
         self._require(
-            all(0 < m < self.steps for m in self.milestones)
+            all(0 < m < (self.steps or math.inf) for m in self.milestones)
             and list(self.milestones) == sorted(set(self.milestones)),
             f"milestones must be strictly increasing steps in (0, steps={self.steps}), "
             f"got {list(self.milestones)}",
         )
+        self._require(
+            all(0 < m < (self.epochs or math.inf) for m in self.milestones_epochs)
+            and list(self.milestones_epochs) == sorted(set(self.milestones_epochs)),
+            f"milestones_epochs must be strictly increasing epochs in (0, epochs={self.epochs}),"
+            f" got {list(self.milestones_epochs)}",
+        )
+        self._require(
+            not (self.milestones and self.milestones_epochs),
+            "set milestones (steps) or milestones_epochs, not both",
+        )
+        self._require(
+            self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs must be >= 0"
+        )
+        self._require(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0 turns EMA off)")
         self._require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)")
         self._choice("amp", self.amp, AMP_MODES)
         self._require(
@@ -322,6 +351,30 @@ class TrainSettings(Section):
         self._require(
             bool(self.run_name) and "/" not in self.run_name,
             f"run_name must be a non-empty name without '/', got {self.run_name!r}",
+        )
+
+    def _check_length(self) -> None:
+        """Exactly one of steps and epochs; neither is the default length in steps."""
+        self._require(
+            self.steps is None or self.epochs is None,
+            f"set exactly one of train.steps and train.epochs, got steps={self.steps} and "
+            f"epochs={self.epochs}",
+        )
+        if self.steps is None and self.epochs is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS)  # frozen: set once, here
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            self._require(value is None or value >= 1, f"{name} must be >= 1")
+
+    def _check_selection(self) -> None:
+        self._at_least(0, "eval_every", "patience")
+        self._require(self.eval_images is None or self.eval_images >= 1, "eval_images must be >= 1")
+        self._choice("select", self.select, SELECTS)
+        needs_eval = [k for k, on in (("select: best", self.select == "best"),
+                                      ("patience", self.patience > 0)) if on]  # fmt: skip
+        self._require(
+            self.eval_every > 0 or not needs_eval,
+            f"{' and '.join(needs_eval)} need evaluations during training: set train.eval_every",
         )
 
     @property

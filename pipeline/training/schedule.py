@@ -1,12 +1,17 @@
 """The optimizer and its learning-rate schedule: linear warmup, then step or cosine decay.
 
 The factor is a pure function of the optimizer step, so a resumed run lands on exactly the
-learning rate it would have had, whatever the scheduler state holds.
+learning rate it would have had, whatever the scheduler state holds. A schedule given in epochs
+(``train.epochs``, ``milestones_epochs``, ``warmup_epochs``) becomes steps once, on the driver
+(:func:`in_steps`): the workers, the ETA and the checkpoints only ever see steps.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -70,3 +75,40 @@ def make_scheduler(
         )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def steps_per_epoch(train_images: int, global_batch: int) -> int:
+    """Optimizer steps in one pass over the train split: ceil(images / global batch)."""
+    if train_images < 1:
+        raise ValueError(f"the train split has {train_images} images: nothing to train on")
+    return math.ceil(train_images / global_batch)
+
+
+def in_steps(settings: TrainSettings, train_manifest: Mapping[str, Any]) -> TrainSettings:
+    """``settings`` with its length, milestones and warmup in steps (``epochs``,
+    ``milestones_epochs`` and ``warmup_epochs`` cleared), one epoch being
+    :func:`steps_per_epoch` of the train manifest's image count; settings already in steps
+    come back unchanged."""
+    if (
+        settings.epochs is None
+        and not settings.milestones_epochs
+        and settings.warmup_epochs is None
+    ):
+        return settings
+    per_epoch = steps_per_epoch(int(train_manifest["counts"]["images"]), settings.global_batch)
+    steps = settings.steps if settings.epochs is None else settings.epochs * per_epoch
+    milestones = settings.milestones or tuple(
+        round(m * per_epoch) for m in settings.milestones_epochs
+    )
+    warmup = settings.warmup_steps
+    if settings.warmup_epochs is not None:
+        warmup = round(settings.warmup_epochs * per_epoch)
+    return replace(
+        settings,
+        steps=steps,
+        epochs=None,
+        milestones=tuple(sorted(set(milestones))),
+        milestones_epochs=(),
+        warmup_steps=warmup,
+        warmup_epochs=None,
+    )
