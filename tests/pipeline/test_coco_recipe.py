@@ -33,13 +33,14 @@ from pipeline.config.settings import TrackingSettings, TrainSettings
 from pipeline.shards.preprocess import preprocess_split
 from pipeline.shards.schema import read_manifest
 from pipeline.training.progress import LOSS_NAMES
-from pipeline.training.schedule import lr_factor
+from pipeline.training.schedule import in_steps, lr_factor, steps_per_epoch
 from pipeline.training.state import MODEL_FILE, seed_everything
 from pipeline.training.trainer import TrainResult, train
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "coco_r50_fpn_1x.yaml"
 STEPS = 1
+COCO_TRAIN_IMAGES = 118_287  # instances_train2017.json's images
 # Layers that the recipe freezes (trainable_backbone_layers: 3 leaves conv1 and layer1 frozen,
 # and frozen BN never updates its statistics): after a step they still hold the file's values.
 FROZEN = ("conv1.weight", "layer1.0.conv1.weight", "bn1.running_mean", "layer3.2.bn2.running_var")
@@ -66,19 +67,26 @@ def test_recipe_is_the_r50_fpn_1x_schedule():
     assert train.batch_per_worker * train.num_workers == 16 and train.global_batch == 16
     assert train.base_lr == 0.02 and train.lr == 0.02  # no rescaling at the reference batch
     assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.9, 1e-4)
-    assert train.steps == 90_000 and train.milestones == (60_000, 80_000)
+    assert train.epochs == 12 and train.milestones_epochs == (8, 11)  # the published 1x
+    assert train.steps is None and train.milestones == ()
     assert (train.schedule, train.gamma) == ("multistep", 0.1)
     assert (train.warmup_steps, train.warmup_factor) == (1000, 0.001)
     assert train.use_gpu and train.amp in ("fp16", "bf16")
     assert train.init == "imagenet" and train.weights_path
     assert train.flip_prob == 0.5
 
+    # In steps on COCO 2017 train (118,287 images): 7,393 steps an epoch at global batch 16.
+    steps = in_steps(train, {"counts": {"images": COCO_TRAIN_IMAGES}})
+    assert steps_per_epoch(COCO_TRAIN_IMAGES, 16) == 7393
+    assert steps.steps == 12 * 7393 and steps.milestones == (8 * 7393, 11 * 7393)
+    assert steps.epochs is None and steps.warmup_steps == 1000
+
     def lr(step: int) -> float:
         keys = ("schedule", "steps", "warmup_steps", "warmup_factor", "milestones", "gamma")
-        return train.lr * lr_factor(step, **{k: getattr(train, k) for k in keys})
+        return steps.lr * lr_factor(step, **{k: getattr(steps, k) for k in keys})
 
-    for step, expected in [(0, 2e-5), (1000, 0.02), (59_999, 0.02), (60_000, 2e-3),
-                           (80_000, 2e-4), (89_999, 2e-4)]:  # fmt: skip
+    for step, expected in [(0, 2e-5), (1000, 0.02), (59_143, 0.02), (59_144, 2e-3),
+                           (81_323, 2e-4), (88_715, 2e-4)]:  # fmt: skip
         assert lr(step) == pytest.approx(expected), step
 
 
@@ -86,6 +94,10 @@ def test_recipe_is_the_r50_fpn_1x_schedule():
     ("edit", "named"),
     [
         (("warmup_steps: 1000", "warmup_step: 1000"), r"unknown key train\.warmup_step\b"),
+        (
+            ("epochs: 12 ", "steps: 100\n  epochs: 12 "),
+            r"exactly one of train\.steps and train\.epochs",
+        ),
         (("base_lr: 0.02", "base_lr: '0.02'"), r"train\.base_lr must be a number"),
         (("weight_decay: 0.0001", "weight_decay: 1e-4"), r"train\.weight_decay must be a number"),
         (("canvas: 1024", "canvas: 1024px"), r"model\.canvas must be an integer"),
@@ -157,8 +169,8 @@ def smoke(tmp_path_factory) -> Smoke:
     }
     raw["train"].update(
         use_gpu=False, amp="none", num_workers=1, cpus_per_worker=2, batch_per_worker=1,
-        steps=STEPS, milestones=[], weights_path=str(root / "resnet50-imagenet.pth"),
-        storage_path=str(root / "ray_results"),
+        steps=STEPS, epochs=None, milestones_epochs=[],
+        weights_path=str(root / "resnet50-imagenet.pth"), storage_path=str(root / "ray_results"),
     )  # fmt: skip
     raw["tracking"]["uri"] = f"sqlite:///{root}/mlflow.db"
     raw["ray"]["address"] = None
