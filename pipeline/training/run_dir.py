@@ -38,6 +38,7 @@ from pipeline.registry.tracking import (
     resolve_tracking_uri,
 )
 from pipeline.shards.schema import read_manifest
+from pipeline.training.schedule import in_steps
 
 MANIFEST = "maskrcnn_run.json"
 
@@ -116,12 +117,13 @@ def plan_run(
     if settings.init == "registry":
         parent = resolve_parent(settings.weights_path or "", tracking_uri=tracking_uri)
     spec = recipe(settings, model_config, parent=parent)
+    manifest = read_manifest(train_dir) if train_manifest is None else train_manifest
     return RunPlan(
-        settings=settings,
+        settings=in_steps(settings, manifest),  # epochs -> steps, once (the recipe keeps epochs)
         model_config=model_config,
         shards_dir=str(shards_dir),
         train_dir=train_dir,
-        train_manifest=read_manifest(train_dir) if train_manifest is None else train_manifest,
+        train_manifest=manifest,
         recipe=spec,
         recipe_hash=recipe_hash(spec),
         tracking_uri=tracking_uri,
