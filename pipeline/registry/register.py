@@ -4,6 +4,10 @@ Every new version gets the alias ``challenger`` (the newest candidate). The alia
 moves to it only when its segm AP reaches the floor and beats the current champion's, so
 ``models:/<name>@champion`` is always the best model seen. Each version carries its eval
 figures as tags (``segm_AP``, ``bbox_AP``), which is where the next comparison reads them.
+A model fine-tuned from a version of the same name (``init: registry``: the run's
+``parent_model_*`` tags) must also beat that parent, when the parent's figure was measured on
+the same val shards (same digest of the val dataset input); otherwise the decision says the
+parent was not compared (the parent is not evaluated again here).
 """
 
 from __future__ import annotations
@@ -20,16 +24,17 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.entities.model_registry import RegisteredModel
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from PIL import Image
 
 import maskrcnn
 import pipeline
 from pipeline.inference.detector import read_model_info
-from pipeline.registry.lineage import version_description
+from pipeline.registry.lineage import PARENT_VERSION_TAG, version_description
 from pipeline.registry.pyfunc import (
     MaskRCNNPyfunc,
     input_example,
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SEGM_TAG, BBOX_TAG = "segm_AP", "bbox_AP"
+PARENT_NAME_TAG, PARENT_URI_TAG = "parent_model_name", "parent_model_uri"  # set by train
 RUN_METRIC = "eval/segm_AP"  # what evaluate logs; read when a champion lacks the tag
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "pillow", "pycocotools", "mlflow")
 
@@ -73,7 +79,10 @@ def register(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     previous = _champion(client, model_name)
-    promote, reason = decide(segm_ap=segm_ap, min_segm_ap=min_segm_ap, champion=previous)
+    parent = _parent(client, run["run_id"], model_name)
+    promote, reason = decide(
+        segm_ap=segm_ap, min_segm_ap=min_segm_ap, champion=previous, parent=parent
+    )
     # Inside: the registry resolves the logged model's location through the fluent URI too.
     with use_tracking_uri(uri):
         logged = _log_pyfunc(
@@ -104,6 +113,8 @@ def register(
         "bbox_ap": bbox_ap,
         "min_segm_ap": min_segm_ap,
         "previous_champion": previous,
+        "parent": parent,
+        "parent_segm_ap": parent["segm_ap"] if parent else None,
         "run_id": run["run_id"],
     }
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +124,35 @@ def register(
 
 
 def decide(
-    *, segm_ap: float, min_segm_ap: float, champion: Mapping[str, Any] | None
+    *,
+    segm_ap: float,
+    min_segm_ap: float,
+    champion: Mapping[str, Any] | None,
+    parent: Mapping[str, Any] | None = None,
 ) -> tuple[bool, str]:
-    """(promote, reason): the floor first, then strictly better than the champion."""
+    """(promote, reason): the floor first, then strictly better than the parent the model was
+    fine-tuned from (when its figure is on the same val set), then than the champion."""
     if segm_ap < min_segm_ap:
         return False, f"segm AP {segm_ap:.4f} is below the floor {min_segm_ap:.4f}"
+    versus_parent = ""
+    if parent is not None:
+        base = parent.get("segm_ap")
+        if not parent.get("same_val_set") or base is None:
+            versus_parent = f"; parent version {parent['version']} not compared ({parent['why']})"
+        elif segm_ap <= base:
+            return False, (
+                f"segm AP {segm_ap:.4f} does not beat its parent version {parent['version']} "
+                f"({base:.4f}) on the same val set"
+            )
+        else:
+            versus_parent = f"; beats its parent version {parent['version']} ({base:.4f})"
+    promote, reason = _versus_champion(segm_ap, min_segm_ap, champion)
+    return promote, reason + versus_parent
+
+
+def _versus_champion(
+    segm_ap: float, min_segm_ap: float, champion: Mapping[str, Any] | None
+) -> tuple[bool, str]:
     if champion is None:
         return True, f"first model with segm AP {segm_ap:.4f} >= floor {min_segm_ap:.4f}"
     best = champion.get("segm_ap")
@@ -130,6 +165,40 @@ def decide(
     return False, (
         f"segm AP {segm_ap:.4f} does not beat champion version {champion['version']} ({best:.4f})"
     )
+
+
+def _parent(client: MlflowClient, run_id: str, name: str) -> dict[str, Any] | None:
+    """The version this run was fine-tuned from, when it is a version of ``name``: its segm
+    AP (tag, else its run's metric) and whether it was measured on this run's val shards
+    (the val dataset inputs of both runs have the same digest)."""
+    tags = client.get_run(run_id).data.tags
+    if tags.get(PARENT_NAME_TAG) != name or PARENT_VERSION_TAG not in tags:
+        return None
+    version = client.get_model_version(name, tags[PARENT_VERSION_TAG])
+    ours, theirs = _val_digest(client, run_id), _val_digest(client, version.run_id)
+    same = ours is not None and ours == theirs
+    return {
+        "version": int(version.version),
+        "uri": tags.get(PARENT_URI_TAG, f"models:/{name}/{version.version}"),
+        "run_id": version.run_id,
+        "segm_ap": _segm_ap(client, version),
+        "same_val_set": same,
+        "why": "same val shards"
+        if same
+        else f"its val shards {theirs or 'unknown'}, ours {ours or 'unknown'}",
+    }
+
+
+def _val_digest(client: MlflowClient, run_id: str | None) -> str | None:
+    """The digest of a run's validation dataset input (None: the run logged none)."""
+    if not run_id:
+        return None
+    for dataset_input in client.get_run(run_id).inputs.dataset_inputs:
+        if any(
+            t.key == MLFLOW_DATASET_CONTEXT and t.value == "validation" for t in dataset_input.tags
+        ):
+            return dataset_input.dataset.digest
+    return None
 
 
 def _registered(client: MlflowClient, name: str) -> RegisteredModel | None:
@@ -147,12 +216,17 @@ def _champion(client: MlflowClient, name: str) -> dict[str, Any] | None:
     if model is None or CHAMPION not in model.aliases:
         return None
     current = client.get_model_version(name, model.aliases[CHAMPION])
-    segm_ap: float | None = None
-    if SEGM_TAG in current.tags:
-        segm_ap = float(current.tags[SEGM_TAG])
-    elif current.run_id:
-        segm_ap = client.get_run(current.run_id).data.metrics.get(RUN_METRIC)
+    segm_ap = _segm_ap(client, current)
     return {"version": int(current.version), "segm_ap": segm_ap, "run_id": current.run_id}
+
+
+def _segm_ap(client: MlflowClient, version: ModelVersion) -> float | None:
+    """A version's segm AP: its tag, else its run's metric, else None."""
+    if SEGM_TAG in version.tags:
+        return float(version.tags[SEGM_TAG])
+    if version.run_id:
+        return client.get_run(version.run_id).data.metrics.get(RUN_METRIC)
+    return None
 
 
 def _log_pyfunc(

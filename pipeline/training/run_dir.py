@@ -30,7 +30,9 @@ from maskrcnn.checkpoints import read_model_state
 from maskrcnn.config import ModelConfig
 from pipeline.config.settings import RESUMABLE_CHANGES, TrackingSettings, TrainSettings
 from pipeline.io import storage
+from pipeline.registry.lineage import PARENT_VERSION_TAG
 from pipeline.registry.pyfunc import download_model_files
+from pipeline.registry.register import PARENT_NAME_TAG, PARENT_URI_TAG
 from pipeline.registry.tracking import (
     RunRef,
     check_server,
@@ -63,9 +65,9 @@ class ParentModel:
     def tags(self) -> dict[str, str]:
         """What the run records about its parent (MLflow tags)."""
         return {
-            "parent_model_name": self.name,
-            "parent_model_version": str(self.version),
-            "parent_model_uri": self.uri,
+            PARENT_NAME_TAG: self.name,
+            PARENT_VERSION_TAG: str(self.version),
+            PARENT_URI_TAG: self.uri,
         }
 
 

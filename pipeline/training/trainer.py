@@ -30,7 +30,7 @@ from ray.data import DataContext, RandomSeedConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from maskrcnn.checkpoints import save_model
+from maskrcnn.checkpoints import CLASS_SPECIFIC, save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.config.settings import TrackingSettings, TrainSettings
@@ -50,6 +50,7 @@ from pipeline.shards.schema import check_compatible
 from pipeline.training.loader import ray_dataset
 from pipeline.training.loop import train_loop_per_worker
 from pipeline.training.progress import LOSS_NAMES
+from pipeline.training.repeat import repeat_dataset
 from pipeline.training.run_dir import RunPlan, open_run, plan_run
 from pipeline.training.state import MODEL_FILE
 
@@ -215,7 +216,7 @@ def _parent_config(plan: RunPlan) -> dict[str, Any] | None:
         parent.requested,
         len(parent.categories) + 1,
         len(categories) + 1,
-        "" if same else ": its class-specific predictor layers start fresh",
+        "" if same else f": {', '.join(k.rstrip('.') for k in CLASS_SPECIFIC)} start fresh",
     )
     return {"weights": ray.put(dict(parent.state_dict)), "uri": parent.uri, "same_classes": same}
 
@@ -258,14 +259,21 @@ def _train_dataset(plan: RunPlan) -> ray.data.Dataset:
     small buffer on each worker (see the training loop).
 
     A split of at most ``CACHE_MAX_BYTES`` is read once and kept in Ray's object store, so an
-    epoch does not re-read the files; a larger one streams from the files every epoch.
+    epoch does not re-read the files; a larger one streams from the files every epoch. With
+    ``repeat_factor_threshold`` each epoch repeats images by their factor (``repeat``).
     """
     dataset = ray_dataset(plan.train_dir, manifest=plan.train_manifest)
     if plan.train_manifest["counts"]["bytes_written"] <= CACHE_MAX_BYTES:
         dataset = dataset.materialize()
-    return dataset.randomize_block_order(
+    dataset = dataset.randomize_block_order(
         seed=RandomSeedConfig(seed=plan.settings.seed, reseed_after_execution=True)
     )
+    threshold = plan.settings.repeat_factor_threshold
+    if threshold > 0:
+        dataset = repeat_dataset(
+            dataset, plan.train_manifest, threshold=threshold, seed=plan.settings.seed
+        )
+    return dataset
 
 
 @contextmanager
