@@ -83,7 +83,12 @@ def extract(commit: str, into: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--commits", nargs="+", default=["6a65691", "HEAD"])
+    parser.add_argument(
+        "--commits",
+        nargs="+",
+        default=["6a65691", "2e61154"],
+        help="default: the last commit before the re-layout and the re-layout with its test fixes",
+    )
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--canvas", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=16)
