@@ -34,6 +34,7 @@ def main(argv: list[str]) -> None:
         ray_address=params.ray_address,
         project_root=params.root,
         train_manifest=manifest,
+        val_annotations=params.data_path("val_annotations"),  # train.eval_every scores on it
     )
     log.info("model written to %s (MLflow run %s)", result.model_path, result.run.run_id)
 

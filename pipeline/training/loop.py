@@ -34,8 +34,10 @@ from pipeline.config.settings import TrainSettings
 from pipeline.registry.tracking import RunRef, attached_run
 from pipeline.training.device import configure_device, ddp_kwargs
 from pipeline.training.faults import FAULT_ENV, FaultDrill
+from pipeline.training.hooks import RecipeHooks
 from pipeline.training.loader import make_collate_fn
 from pipeline.training.metrics_sender import MetricsSender, send_metrics
+from pipeline.training.periodic_eval import PeriodicEval, rank0_evaluator
 from pipeline.training.progress import LossWindow, ThroughputMeter, progress_line
 from pipeline.training.schedule import make_optimizer, make_scheduler
 from pipeline.training.state import (
@@ -73,6 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         world=world,
         device=ray.train.torch.get_device(),
         drill=FaultDrill.parse(os.environ.get(FAULT_ENV)),
+        evaluator=rank0_evaluator(config.get("eval"), settings, model_config, rank=rank),
     )
     resumed_from = trainer.restore(ray.train.get_checkpoint(), parent=config.get("parent"))
     run = RunRef(**config["run"]) if config.get("run") and rank == 0 else None
@@ -108,8 +111,10 @@ class WorkerTrainer:
         world: int,
         device: torch.device,
         drill: FaultDrill | None = None,
+        evaluator: PeriodicEval | None = None,
     ) -> None:
         self.settings, self.rank, self.world = settings, rank, world
+        self.hooks = RecipeHooks(settings, rank=rank, world=world, evaluator=evaluator)
         self.model_config = model_config
         self.device, self.drill = device, drill
         configure_device(device, amp=settings.amp)
@@ -130,6 +135,7 @@ class WorkerTrainer:
         return the step resumed from."""
         if checkpoint is None:
             self._load_initial_weights(parent)
+            self.hooks.start(self.module)
         else:
             with checkpoint.as_directory() as directory:
                 self.progress = read_checkpoint(
@@ -141,6 +147,7 @@ class WorkerTrainer:
                     scaler=self.scaler,
                     device=self.device,
                 )
+                self.hooks.start(self.module, checkpoint_dir=directory)
             if self.rank == 0:
                 p = self.progress
                 log.info(
@@ -182,7 +189,7 @@ class WorkerTrainer:
         s = self.settings
         self.model.train()
         micro = 0
-        while self.progress.step < s.steps:
+        while self.progress.step < s.steps and not self.progress.stopped_early:
             for images, targets, wait_s in self._epoch_batches(shard):
                 micro += 1
                 self.micro_step(images, targets, last=micro == s.grad_accum)
@@ -195,11 +202,12 @@ class WorkerTrainer:
                 self._fault("exit", step)
                 if step % s.log_every == 0 or step == s.steps:
                     self._log(self.window.reduce(self.world), log_fn)
-                if step % s.checkpoint_every == 0 or step == s.steps:
+                evaluated = self.hooks.after_step(self.module, self.progress, log_fn)
+                if step % s.checkpoint_every == 0 or step == s.steps or evaluated:
                     self._check_finite()
                     self._checkpoint()
                     self._fault("after_checkpoint", step)
-                if step >= s.steps:
+                if step >= s.steps or (evaluated and self.hooks.stop(self.progress)):
                     return
             self.progress.epoch += 1
             self.progress.batch_in_epoch = 0
@@ -319,6 +327,7 @@ class WorkerTrainer:
         metrics = {"step": self.progress.step, "epoch": self.progress.epoch}
         if self.progress.history:
             metrics["loss"] = self.progress.history[-1]["loss"]
+        metrics.update(self.hooks.checkpoint_metrics(self.progress))
         step = self.progress.step
         drill = self.drill
         upload = None  # Ray's own copy to storage
@@ -335,6 +344,7 @@ class WorkerTrainer:
                 progress=self.progress,
                 device=self.device,
             )
+            self.hooks.write(directory)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -350,6 +360,7 @@ class WorkerTrainer:
             "step": self.progress.step,
             "epoch": self.progress.epoch,
             "history": self.progress.history,
+            **self.hooks.summary(self.progress),
             **self.meter.overall(),
         }
 

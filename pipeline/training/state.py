@@ -47,6 +47,12 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    # evaluation during training (pipeline.training.periodic_eval): rank 0's
+    evals: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = -1.0  # no evaluation yet
+    best_step: int = 0
+    evals_since_best: int = 0
+    stopped_early: bool = False  # train.patience ran out: a resumed run does not go on
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Progress:

@@ -27,7 +27,7 @@ import ray.data
 import torch
 from mlflow.tracking import MlflowClient
 from ray.data import DataContext, RandomSeedConfig
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from maskrcnn.checkpoints import CLASS_SPECIFIC, save_model
@@ -52,7 +52,7 @@ from pipeline.training.loop import train_loop_per_worker
 from pipeline.training.progress import LOSS_NAMES
 from pipeline.training.repeat import repeat_dataset
 from pipeline.training.run_dir import RunPlan, open_run, plan_run
-from pipeline.training.state import MODEL_FILE
+from pipeline.training.selection import Selected, checkpoint_config, eval_spec, select_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def train(
     ray_address: str | None = None,
     project_root: Path | None = None,
     train_manifest: Mapping[str, Any] | None = None,
+    val_annotations: storage.Location | None = None,
 ) -> TrainResult:
     """Train ``model_config`` on ``<shards_dir>/train`` and write into ``out_dir`` the files
     of ``pipeline.io.outputs.TRAIN``: the model (``save_model``, with the shards' categories),
@@ -89,7 +90,9 @@ def train(
     ``project_root`` (default: found from the current directory) anchors relative paths:
     the tracking store and ``settings.storage_path``. ``shards_dir`` and the storage path may be
     URIs (s3://, gs://, file://, ...): on a cluster, every node must reach them.
-    ``train_manifest``: the train split's manifest, when the caller has read it. Fault drills:
+    ``train_manifest``: the train split's manifest, when the caller has read it;
+    ``val_annotations``: the val split's annotation file, which evaluations during training
+    (``train.eval_every``) score against, on ``<shards_dir>/val``. Fault drills:
     ``MASKRCNN_FAULT`` in the workers' environment (``pipeline.training.faults``).
     """
     started = time.perf_counter()
@@ -110,10 +113,12 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run.write(out / TRAIN.run)
-    summary, state = _fit(make_trainer(plan=plan, run=run), run=run, where=plan.directory)
-    _write_model(state, plan, out / TRAIN.model)
+    trainer = make_trainer(plan=plan, run=run, val_annotations=val_annotations)
+    summary, selected = _fit(trainer, settings=plan.settings, run=run, where=plan.directory)
+    _write_model(selected.state, plan, out / TRAIN.model)
     history = summary.get("history", [])
     metrics = _final_metrics(summary, plan.settings, wall_s=time.perf_counter() - started)
+    metrics.update(selected.metrics(), stopped_early=bool(summary.get("stopped_early")))
     (out / TRAIN.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
     _write_loss_csv(out / TRAIN.loss, history)
     _log_outputs(run, out)
@@ -129,8 +134,11 @@ def train(
     )
 
 
-def make_trainer(*, plan: RunPlan, run: RunRef | None) -> TorchTrainer:
-    """The TorchTrainer of a planned run; ``run`` None trains without MLflow logging."""
+def make_trainer(
+    *, plan: RunPlan, run: RunRef | None, val_annotations: storage.Location | None = None
+) -> TorchTrainer:
+    """The TorchTrainer of a planned run; ``run`` None trains without MLflow logging;
+    ``val_annotations``: what evaluations during training score against."""
     settings = plan.settings
     with _quiet_data_progress():
         return TorchTrainer(
@@ -140,6 +148,9 @@ def make_trainer(*, plan: RunPlan, run: RunRef | None) -> TorchTrainer:
                 "model": plan.model_config.to_dict(),
                 "run": run.to_dict() if run else None,
                 "parent": _parent_config(plan),
+                "eval": eval_spec(
+                    settings=settings, train_dir=plan.train_dir, val_annotations=val_annotations
+                ),
             },
             torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
@@ -152,7 +163,7 @@ def make_trainer(*, plan: RunPlan, run: RunRef | None) -> TorchTrainer:
                 name=plan.name,
                 storage_path=settings.storage_path,
                 failure_config=FailureConfig(max_failures=settings.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+                checkpoint_config=checkpoint_config(settings),
             ),
             datasets={"train": _train_dataset(plan)},
         )
@@ -222,23 +233,21 @@ def _parent_config(plan: RunPlan) -> dict[str, Any] | None:
 
 
 def _fit(
-    trainer: TorchTrainer, *, run: RunRef, where: str
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Rank 0's summary and the weights of the last checkpoint; a run that does not finish
-    leaves its MLflow run FAILED (an error) or KILLED (Ctrl-C: Ray Train aborts it first)."""
+    trainer: TorchTrainer, *, settings: TrainSettings, run: RunRef, where: str
+) -> tuple[dict[str, Any], Selected]:
+    """Rank 0's summary and the checkpoint ``train.select`` chose (``selection``); a run that
+    does not finish leaves its MLflow run FAILED (an error) or KILLED (Ctrl-C: Ray Train aborts
+    it first)."""
     try:
         result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"training in {where} left no checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+        selected = select_checkpoint(result, settings, where=where)
     except Exception:
         end_run(run, status="FAILED")
         raise
     except BaseException:
         end_run(run, status="KILLED")
         raise
-    return result.return_value or {}, state
+    return result.return_value or {}, selected
 
 
 def _write_model(state: dict[str, torch.Tensor], plan: RunPlan, path: Path) -> None:
