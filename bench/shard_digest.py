@@ -55,7 +55,9 @@ def child(args: argparse.Namespace) -> dict:
     preprocess_split = module.preprocess_split
     data, out = Path(args.data), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The Ray workers must import the same tree as this process (they would get the checkout's).
+    tree = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}}
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=tree)
     try:
         preprocess_split(
             annotation_file=data / "annotations" / "instances_train.json",
