@@ -3,8 +3,8 @@
 A small model is trained for a few steps on the synthetic shapes (so that its detections are
 shapes, not noise), exported with ``export_onnx`` and run by onnxruntime on train and val images:
 the same number of detections per image, equal labels, boxes within 0.05 canvas pixels, scores
-within 1e-4, mask probabilities within 1e-3 and mask IoU (canvas masks at 0.5; two empty masks
-count as equal) of at least 0.99, over at least 20 detections.
+within 1e-4, mask probabilities within 1e-3 and mask IoU (canvas masks at 0.5) of at least 0.99
+per image and per mask of at least 200 pixels, over at least 20 detections.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(2400)
 CANVAS = 128
 STEPS, BATCH = 10, 2  # a few steps: the scores already rank shapes above background
 BOX_ATOL_PX, SCORE_ATOL, MIN_MASK_IOU, MIN_DETECTIONS = 0.05, 1e-4, 0.99, 20
+SMALL_MASK_PX = 200
 
 
 def small_config(num_classes: int) -> ModelConfig:
@@ -142,9 +143,16 @@ def test_onnxruntime_gives_the_models_detections(trained):
         torch.testing.assert_close(got["boxes"], expected["boxes"], atol=BOX_ATOL_PX, rtol=0)
         torch.testing.assert_close(got["scores"], expected["scores"], atol=SCORE_ATOL, rtol=0)
         if n:
-            iou = mask_iou(got["masks"][:, 0] >= 0.5, expected["masks"][:, 0] >= 0.5)
-            assert iou.min() >= MIN_MASK_IOU, f"image {i}: mask IoU {iou.min():.4f}"
             torch.testing.assert_close(got["masks"], expected["masks"], atol=1e-3, rtol=0)
+            ours, theirs = got["masks"][:, 0] >= 0.5, expected["masks"][:, 0] >= 0.5
+            # A pixel whose probability rounds across 0.5 moves a tiny mask's IoU below 0.99
+            # (one pixel of 30 is 0.97), so the IoU is per image, over all its masks, and per
+            # mask for masks of at least SMALL_MASK_PX pixels.
+            pooled = (ours & theirs).sum() / (ours | theirs).sum().clamp(min=1)
+            assert pooled >= MIN_MASK_IOU, f"image {i}: mask IoU {pooled:.4f}"
+            large = (ours | theirs).flatten(1).sum(1) >= SMALL_MASK_PX
+            iou = mask_iou(ours[large], theirs[large])
+            assert bool((iou >= MIN_MASK_IOU).all()), f"image {i}: mask IoU {iou.min():.4f}"
         compared += n
     assert compared >= MIN_DETECTIONS, f"only {compared} detections to compare"
 
