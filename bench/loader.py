@@ -56,8 +56,17 @@ from pipeline.shards.preprocess import preprocess_split  # noqa: E402
 from pipeline.training.loader import iter_batches, make_collate_fn, ray_dataset  # noqa: E402
 
 
-def build_data(root: Path, *, images: int, canvas: int, min_side: int, max_side: int) -> dict:
-    """A synthetic COCO split and its shards (preprocessed on a local Ray)."""
+def build_data(
+    root: Path,
+    *,
+    images: int,
+    canvas: int,
+    min_side: int,
+    max_side: int,
+    scales: tuple[float, ...] = (1.0,),
+) -> dict:
+    """A synthetic COCO split and its shards (preprocessed on a local Ray), with RPN targets
+    at each of ``scales`` (the loader then draws one per image)."""
     write_shapes_dataset(
         root, n_train=images, n_val=1, seed=0, min_side=min_side, max_side=max_side
     )
@@ -72,6 +81,7 @@ def build_data(root: Path, *, images: int, canvas: int, min_side: int, max_side:
             out_dir=root / "shards" / "train",
             model_config=ModelConfig(num_classes=6, canvas=canvas),
             rows_per_shard=32,
+            train_scales=scales,
             progress=False,
         )
     finally:
@@ -206,6 +216,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--ray", action="store_true", help="also time the Ray Data path")
     parser.add_argument("--memory", action="store_true", help="also peak RSS for N and 10N")
+    parser.add_argument(
+        "--scales", type=float, nargs="+", default=[1.0], help="train_scales of the shards"
+    )
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-build", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,7 +238,8 @@ def main() -> None:
     config = ModelConfig(num_classes=6, canvas=args.canvas)
     load_at_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
-        data = build_data(Path(tmp), **sizes)
+        data = build_data(Path(tmp), **sizes, scales=tuple(args.scales))
+        manifest = json.loads((data["shards"] / "manifest.json").read_text())
         shards, baseline = interleaved_images_per_second(
             iter_batches(
                 data["shards"], batch_size=args.batch_size, model_config=config, flip_prob=0.5
@@ -244,6 +258,8 @@ def main() -> None:
             "shard_loader_images_per_s": round(shards, 1),
             "torchvision_style_images_per_s": round(baseline, 1),
             "ratio": round(shards / baseline, 2),
+            "train_scales": args.scales,
+            "target_bytes_per_image": manifest["counts"]["target_bytes_per_image"],
         }
         if args.ray:
             result["ray_data_images_per_s"] = round(

@@ -44,9 +44,6 @@ SCHEMA = pa.schema(
         ("labels", pa.list_(pa.int32())),
         ("iscrowd", pa.list_(pa.bool_())),
         ("masks", pa.list_(pa.binary())),
-        # Canvas pixels per original pixel at each training scale (like ``scale``): the image
-        # at scale k is the stored one resized to round(h * s_k) x round(w * s_k).
-        ("target_scales", pa.list_(pa.float32())),
         # The RPN targets, one list per training scale, of that scale's image top-left on the
         # canvas.
         ("rpn_pos", _SCALED_INDICES),
@@ -56,6 +53,9 @@ SCHEMA = pa.schema(
         ("rpn_flip_pos", _SCALED_INDICES),
         ("rpn_flip_pos_deltas", _SCALED_BOXES),
         ("rpn_flip_ignore", _SCALED_INDICES),
+        # Canvas pixels per original pixel at each training scale (like ``scale``): the image
+        # at scale k is the stored one resized to round(h * s_k) x round(w * s_k).
+        ("target_scales", pa.list_(pa.float32())),
         # Each mask cropped to its pixel rectangle (x1, y1, x2, y2 at the resized size) as
         # compressed RLE: the loader decodes and pastes only the crop, several times faster
         # than the full-size ``masks`` (docs/benchmarks.md, "Loader").

@@ -46,10 +46,10 @@ CONTRACT = {  # ARCHITECTURE.md, "Shard format (contract)"
     "rpn_ignore": pa.list_(pa.list_(pa.int32())),
 }
 EXTRA = {  # the flipped RPN targets (docs/design.md) and the loader's in-box mask crops
-    "target_scales": pa.list_(pa.float32()),
     "rpn_flip_pos": pa.list_(pa.list_(pa.int32())),
     "rpn_flip_pos_deltas": pa.list_(BOXES),
     "rpn_flip_ignore": pa.list_(pa.list_(pa.int32())),
+    "target_scales": pa.list_(pa.float32()),
     "mask_crop_boxes": pa.list_(pa.list_(pa.int32(), 4)),
     "mask_crops": pa.list_(pa.binary()),
 }
@@ -144,6 +144,31 @@ def test_rows_hold_the_resized_image_masks_boxes_and_both_rpn_targets(train_spli
             expected = build_rpn_targets(grid, torch.from_numpy(b), crowd, CONFIG.rpn)
             assert row[prefix + "pos"] == [expected.pos.tolist()]
             assert row[prefix + "ignore"] == [expected.ignore.tolist()]
+
+
+def test_train_scales_store_targets_per_scale_and_their_cost_the_val_split_one(source, tmp_path):
+    scales = (0.5, 1.0)
+    train = _preprocess(source, tmp_path / "train", train_scales=scales)
+    val = _preprocess(source, tmp_path / "val", train_scales=scales)
+    assert train["train_scales"] == [0.5, 1.0] and val["train_scales"] == [1.0]
+    table = pq.ParquetDataset(sorted((tmp_path / "train").glob("part-*.parquet"))).read()
+    rows = table.to_pylist()
+    assert all(len(r["rpn_pos"]) == len(r["rpn_flip_ignore"]) == 2 for r in rows)
+    per_scale = [0, 0]
+    for row in rows:
+        for name in shards.TARGET_COLUMNS:
+            for k, values in enumerate(row[name]):
+                per_scale[k] += np.asarray(values).size * 4  # int32 / float32 items
+    expected = [round(b / len(rows), 1) for b in per_scale]
+    assert train["counts"]["target_bytes_per_image"] == expected
+    assert len(val["counts"]["target_bytes_per_image"]) == 1
+    # The label counts that repeat-factor sampling uses: images per non-crowd label.
+    labels = [
+        {lab for lab, c in zip(r["labels"], r["iscrowd"], strict=True) if not c} for r in rows
+    ]
+    assert train["counts"]["images_per_label"] == {
+        str(label): sum(label in s for s in labels) for label in sorted(set().union(*labels))
+    }
 
 
 def test_same_input_gives_byte_identical_shards(train_split, source, tmp_path):
