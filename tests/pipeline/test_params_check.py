@@ -96,7 +96,7 @@ def project_params() -> dict:
     ("section", "key", "value", "named"),
     [
         ("train", "stpes", 10, r"unknown key train\.stpes \(did you mean train\.steps\?\)"),
-        ("train", "steps", "10", r"train\.steps must be an integer, got str '10'"),
+        ("train", "steps", "10", r"train\.steps must be an integer or null, got str '10'"),
         ("train", "use_gpu", "yes", r"train\.use_gpu must be true or false"),
         ("train", "milestones", [10, "x"], r"train\.milestones must be a list of integers"),
         ("train", "weights_path", 3, r"train\.weights_path must be a string or null"),
