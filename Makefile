@@ -8,7 +8,7 @@ SERVE_PORT ?= 5001
 SERVE_MODEL ?= models:/maskrcnn-shapes@champion
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: install demo serve test test-cluster lint
+.PHONY: install demo serve browser test test-cluster lint
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,12 @@ serve: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" \
 		$(BIN)/mlflow models serve -m "$(SERVE_MODEL)" --env-manager local --host 127.0.0.1 -p $(SERVE_PORT)
 
+## Headless Chromium (Debian's package) for the MLflow UI browser test, installed when missing.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 ## Everything, the multi-process Ray cluster test included (about 10 minutes on 2 quiet cores).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
