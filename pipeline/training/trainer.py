@@ -225,7 +225,7 @@ def _parent_config(plan: RunPlan) -> dict[str, Any] | None:
         "fine-tuning from %s (%s): %d classes in the parent, %d here%s",
         parent.uri,
         parent.requested,
-        len(parent.categories) + 1,
+        parent.state_dict[CLASS_SPECIFIC[0] + "weight"].shape[0],  # its num_classes
         len(categories) + 1,
         "" if same else f": {', '.join(k.rstrip('.') for k in CLASS_SPECIFIC)} start fresh",
     )
