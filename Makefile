@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@echo "  plots:          PATH=$(BIN):\$$PATH dvc plots show   (writes dvc_plots/index.html)"
 	@echo "  registry:       artifacts/register/decision.json"
 	@echo "  MLflow UI:      $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(MLFLOW_PORT)"
-	@echo "                  then open http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "                  then open http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning"
 
 ## REST serving of the registered champion (after make demo): POST /invocations, README "Serving".
 ## The venv's bin/ goes on PATH: mlflow starts uvicorn by name.
