@@ -66,7 +66,8 @@ def select_checkpoint(result: ray.train.Result, settings: TrainSettings, *, wher
         for checkpoint, metrics in result.best_checkpoints or []
     ]
     scored = [s for s in scored if s[0] > NOT_EVALUATED]
-    best = max(scored, key=lambda s: (s[0], -s[1])) if scored else None  # ties: the earlier
+    # Ties go to the later checkpoint, as Ray Train ranks them (it deletes the earlier one).
+    best = max(scored, key=lambda s: (s[0], s[1])) if scored else None
     if settings.select == "best" and best is not None:
         chosen, selected, step = best[2], "best", best[1]
     else:

@@ -193,7 +193,7 @@ def test_eval_histories_are_logged_at_their_steps(best):
 def test_select_best_writes_the_best_checkpoints_weights(best):
     scores = history(best, "eval/segm_AP")
     top = max(score for _, score in scores)
-    best_step = min(step for step, score in scores if score == top)  # ties: the earlier
+    best_step = max(step for step, score in scores if score == top)  # ties: the later (Ray's)
     metrics = json.loads((best.model_path.parent / "metrics.json").read_text())
     assert (metrics["selected"], metrics["selected_step"]) == ("best", best_step)
     assert metrics["best_segm_AP"] == pytest.approx(top)
