@@ -80,11 +80,19 @@ def torchvision_twin(ours: MaskRCNN) -> TorchvisionMaskRCNN:
     """torchvision's MaskRCNN with our backbone, anchors, head sizes, RPN/RoI settings and
     weights: every knob of ``ours.config`` that torchvision has is passed, none left at its
     default."""
-    cfg, rpn, roi = ours.config, ours.config.rpn, ours.config.roi
+    twin = torchvision_maskrcnn(copy.deepcopy(ours.backbone), ours.config)
+    twin.load_state_dict(ours.state_dict(), strict=True)
+    return twin
+
+
+def torchvision_maskrcnn(backbone: torch.nn.Module, cfg: ModelConfig) -> TorchvisionMaskRCNN:
+    """torchvision's MaskRCNN around ``backbone`` (an FPN with outputs "0".."3", "pool") with
+    ``cfg``'s anchors, heads and RPN/RoI settings (bench/torchvision_loop.py builds on it too)."""
+    rpn, roi = cfg.rpn, cfg.roi
     channels, last = cfg.fpn_channels, roi.mask_layers[-1]
     levels = ["0", "1", "2", "3"]
-    twin = TorchvisionMaskRCNN(
-        copy.deepcopy(ours.backbone),
+    return TorchvisionMaskRCNN(
+        backbone,
         min_size=cfg.canvas,
         max_size=cfg.canvas,
         image_mean=list(cfg.image_mean),
@@ -119,8 +127,6 @@ def torchvision_twin(ours: MaskRCNN) -> TorchvisionMaskRCNN:
         mask_head=MaskRCNNHeads(channels, list(roi.mask_layers), roi.mask_dilation),
         mask_predictor=MaskRCNNPredictor(last, last, cfg.num_classes),
     )
-    twin.load_state_dict(ours.state_dict(), strict=True)
-    return twin
 
 
 def amp_dtype(args: argparse.Namespace) -> torch.dtype:

@@ -27,18 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
+from model_step import torchvision_maskrcnn
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -47,7 +43,6 @@ from maskrcnn.config import ModelConfig
 from pipeline.config.settings import TrainSettings
 from pipeline.training.schedule import make_optimizer, make_scheduler
 
-FEATURES = ["0", "1", "2", "3"]
 STAGES = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 
 
@@ -84,44 +79,7 @@ def build_model(config: ModelConfig) -> TorchvisionMaskRCNN:
         out_channels=config.fpn_channels,
         extra_blocks=LastLevelMaxPool(),
     )
-    a, rpn, roi = config.anchors, config.rpn, config.roi
-    channels, last = config.fpn_channels, roi.mask_layers[-1]
-    return TorchvisionMaskRCNN(
-        backbone,
-        min_size=config.canvas,
-        max_size=config.canvas,
-        image_mean=list(config.image_mean),
-        image_std=list(config.image_std),
-        rpn_anchor_generator=AnchorGenerator(
-            sizes=tuple((s,) for s in a.sizes),
-            aspect_ratios=(tuple(a.aspect_ratios),) * len(a.sizes),
-        ),
-        rpn_head=RPNHead(channels, len(a.aspect_ratios)),
-        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn.post_nms_top_n_train,
-        rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
-        rpn_nms_thresh=rpn.nms_thresh,
-        rpn_fg_iou_thresh=rpn.fg_iou_thresh,
-        rpn_bg_iou_thresh=rpn.bg_iou_thresh,
-        rpn_batch_size_per_image=rpn.batch_size_per_image,
-        rpn_positive_fraction=rpn.positive_fraction,
-        rpn_score_thresh=rpn.score_thresh,
-        box_roi_pool=MultiScaleRoIAlign(FEATURES, roi.box_pool_size, roi.sampling_ratio),
-        box_head=TwoMLPHead(channels * roi.box_pool_size**2, roi.representation_size),
-        box_predictor=FastRCNNPredictor(roi.representation_size, config.num_classes),
-        box_score_thresh=roi.score_thresh,
-        box_nms_thresh=roi.nms_thresh,
-        box_detections_per_img=roi.detections_per_img,
-        box_fg_iou_thresh=roi.fg_iou_thresh,
-        box_bg_iou_thresh=roi.bg_iou_thresh,
-        box_batch_size_per_image=roi.batch_size_per_image,
-        box_positive_fraction=roi.positive_fraction,
-        bbox_reg_weights=roi.bbox_reg_weights,
-        mask_roi_pool=MultiScaleRoIAlign(FEATURES, roi.mask_pool_size, roi.sampling_ratio),
-        mask_head=MaskRCNNHeads(channels, list(roi.mask_layers), roi.mask_dilation),
-        mask_predictor=MaskRCNNPredictor(last, last, config.num_classes),
-    )
+    return torchvision_maskrcnn(backbone, config)
 
 
 def read_image(images_dir: Path, file_name: str) -> torch.Tensor:
