@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -378,9 +378,9 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Print the report as JSON on stdout (and return it, for the tests)."""
-    args = parse_args(argv)
+def report_main(args: argparse.Namespace, run_all: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Run ``run_all(args, workdir)`` in ``args.keep`` or a temporary directory and print its
+    report as JSON on stdout, with the load average at the start and the end."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with json_stdout() as stdout:
         load_start = load_average()
@@ -393,6 +393,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["load_average"] = {"start": load_start, "end": load_average()}
         stdout.write(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Print the report as JSON on stdout (and return it, for the tests)."""
+    return report_main(parse_args(argv), run_all)
 
 
 if __name__ == "__main__":

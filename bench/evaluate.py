@@ -25,7 +25,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import e2e  # noqa: E402
 import torchvision_loop as tv  # noqa: E402
-from common import load_average  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from pipeline.config.params import Params, load_params, model_config  # noqa: E402
@@ -153,19 +151,7 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Print the report as JSON on stdout (and return it, for the tests)."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    with e2e.json_stdout() as stdout:
-        load_start = load_average()
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            report = run_all(args, args.keep.resolve())
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                report = run_all(args, Path(tmp))
-        report["load_average"] = {"start": load_start, "end": load_average()}
-        stdout.write(json.dumps(report, indent=2) + "\n")
-    return report
+    return e2e.report_main(parse_args(argv), run_all)
 
 
 if __name__ == "__main__":
