@@ -4,13 +4,21 @@ A test that touches the object store without ``ray.init`` starts a runtime impli
 fixture that joins a runtime it did not start leaves it running. Either way the next module's
 ``ray.init`` would fail, so every module ends with Ray shut down. Ray is looked up, not imported:
 tests/maskrcnn runs on machines without it (bench/gpu_check.sh).
+
+Under pytest-xdist (``make test`` runs two processes) each process gets its own Ray temp dir:
+``ray.init()`` joins the cluster named in ``<temp dir>/ray/ray_current_cluster``, which would
+otherwise be the other process's.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"
 
 
 @pytest.fixture(scope="module", autouse=True)
