@@ -16,7 +16,8 @@ same load on a shared machine):
 Also, optionally, the shards through Ray Data (``iter_torch_batches`` + the collate function),
 and the loader's peak RSS (``VmHWM``) for N and 10N images, each in a fresh process that
 only loads the batches (the data are built by another one). Prints JSON, with the load average
-at the start and at the end.
+at the start and at the end,
+and ``bytes_per_batch``: the bytes of all tensors in one collated batch.
 
     .venv/bin/python bench/loader.py --images 64 --canvas 512 --batch-size 4 --ray --memory
 """
@@ -141,13 +142,35 @@ def resize_to_canvas(image: torch.Tensor, target: dict, canvas: int):
     return image, {**target, "boxes": target["boxes"] * scale, "masks": masks}
 
 
+def tensor_bytes(batch) -> int:
+    """Bytes of every tensor in a collated batch (a tensor, or dicts/lists/tuples of them)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, dict):
+        return sum(tensor_bytes(v) for v in batch.values())
+    if isinstance(batch, list | tuple):
+        return sum(tensor_bytes(v) for v in batch)
+    return 0
+
+
+def batch_bytes(shards: Path, config: ModelConfig, batch: int) -> int:
+    """Bytes of the first collated batch: what a train worker pins and copies to the device."""
+    first = next(iter_batches(shards, batch_size=batch, model_config=config, flip_prob=0.5))
+    return tensor_bytes(first)
+
+
+def batch_len(batch) -> int:
+    """Images in a batch: ``(images, targets)`` or a dict with ``images``."""
+    return len(batch["images"] if isinstance(batch, dict) else batch[0])
+
+
 def images_per_second(batches) -> float:
     """One warm-up batch, then the rest of the pass."""
     iterator = iter(batches)
     next(iterator)
     count, start = 0, time.perf_counter()
-    for images, _ in iterator:
-        count += len(images)
+    for batch in iterator:
+        count += batch_len(batch)
     return count / (time.perf_counter() - start)
 
 
@@ -171,7 +194,7 @@ def interleaved_images_per_second(*loaders) -> list[float]:
                 active.discard(i)
                 continue
             seconds[i] += time.perf_counter() - start
-            counts[i] += len(batch[0])
+            counts[i] += batch_len(batch)
     return [c / s for c, s in zip(counts, seconds, strict=True)]
 
 
@@ -260,6 +283,7 @@ def main() -> None:
             "ratio": round(shards / baseline, 2),
             "train_scales": args.scales,
             "target_bytes_per_image": manifest["counts"]["target_bytes_per_image"],
+            "bytes_per_batch": batch_bytes(data["shards"], config, args.batch_size),
         }
         if args.ray:
             result["ray_data_images_per_s"] = round(
