@@ -16,22 +16,28 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from .box_ops import decode_boxes
 from .config import ModelConfig, RoIConfig
+from .mask_crops import crop_mask_targets
 from .pooling import MultiLevelRoIAlign
 from .postprocess import paste_masks
 from .roi_sampling import RoISample, sample_proposals
 
-Instances = tuple[list[Tensor], list[Tensor], list[Tensor]]
+# An image's gt masks: full-canvas ``masks`` [N, S, S], or (``mask_crops``, ``mask_boxes``).
+GtMasks = Tensor | tuple[Tensor, Tensor]
+Instances = tuple[list[Tensor], list[Tensor], list[GtMasks]]
 
 
 def non_crowd_instances(targets: list[dict[str, Tensor]]) -> Instances:
     """Boxes, labels and masks of each image, without crowd instances when ``iscrowd`` is given."""
     boxes, labels, masks = [], [], []
     for t in targets:
-        # One index for the three tensors: a boolean mask would sync with the host three times.
+        # One index for the tensors: a boolean mask would sync with the host once per tensor.
         keep = torch.where(~t["iscrowd"].bool())[0] if "iscrowd" in t else slice(None)
         boxes.append(t["boxes"][keep])
         labels.append(t["labels"][keep])
-        masks.append(t["masks"][keep])
+        if "masks" in t:
+            masks.append(t["masks"][keep])
+        else:
+            masks.append((t["mask_crops"][keep], t["mask_boxes"][keep]))
     return boxes, labels, masks
 
 
@@ -50,13 +56,18 @@ def box_losses(
 
 
 def mask_targets(
-    gt_masks: list[Tensor], positives: list[Tensor], matched: list[Tensor], size: int
+    gt_masks: list[GtMasks], positives: list[Tensor], matched: list[Tensor], size: int
 ) -> Tensor:
     """Each positive's gt mask cropped to its box and resized to ``size`` (image by image), in
-    float32 also under autocast: the targets are soft at the edges, half precision rounds them."""
+    float32 also under autocast: the targets are soft at the edges, half precision rounds them.
+    An image's masks are canvas-sized, or crops with their boxes (``mask_crops``)."""
     crops = []
-    with torch.autocast(gt_masks[0].device.type, enabled=False):
+    device = positives[0].device
+    with torch.autocast(device.type, enabled=False):
         for masks, boxes, index in zip(gt_masks, positives, matched, strict=True):
+            if isinstance(masks, tuple):
+                crops.append(crop_mask_targets(*masks, boxes, index, size))
+                continue
             boxes = boxes.float()
             rois = torch.cat([index[:, None].to(boxes.dtype), boxes], dim=1)
             crops.append(roi_align(masks[:, None].float(), rois, (size, size), 1.0)[:, 0])

@@ -20,6 +20,9 @@ from .anchors import anchor_grid
 from .config import ModelConfig
 from .rpn import RPN_KEYS
 
+# The crop form of a target's masks (maskrcnn.mask_crops), instead of full-canvas ``masks``.
+CROP_KEYS = ("mask_crops", "mask_boxes")
+
 
 def validate_images(images: object, config: ModelConfig) -> None:
     """``images`` must be ``[B, 3, S, S]`` (S = ``config.canvas``), float or uint8."""
@@ -40,7 +43,8 @@ def validate_images(images: object, config: ModelConfig) -> None:
 
 
 def validate_targets(targets: object, batch_size: int, config: ModelConfig) -> ValueCheck:
-    """Training targets: one dict per image with boxes, labels, masks (+ optional RPN sample).
+    """Training targets: one dict per image with boxes, labels, masks or mask_crops +
+    mask_boxes (+ optional RPN sample).
 
     Structure errors raise here; the value check comes back to be read with ``raise_if_bad``
     (on the CPU it has already been read)."""
@@ -63,10 +67,11 @@ def _check_structure(target: object, i: int, config: ModelConfig) -> bool:
     """Keys, shapes and dtypes of target ``i``; returns whether it carries the RPN sample."""
     if not isinstance(target, dict):
         raise ValueError(f"target {i} must be a dict, got {type(target).__name__}")
-    missing = [k for k in ("boxes", "labels", "masks") if k not in target]
+    mask_keys = ("masks",) if "masks" in target or "mask_crops" not in target else CROP_KEYS
+    missing = [k for k in ("boxes", "labels", *mask_keys) if k not in target]
     if missing:
         raise ValueError(f"target {i} lacks {missing}")
-    boxes, labels, masks = target["boxes"], target["labels"], target["masks"]
+    boxes, labels = target["boxes"], target["labels"]
     _expect(i, "boxes", boxes, (None, 4))
     n = boxes.shape[0]
     if not boxes.is_floating_point():
@@ -74,7 +79,11 @@ def _check_structure(target: object, i: int, config: ModelConfig) -> bool:
     _expect(i, "labels", labels, (n,))
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"target {i}: labels must be an integer tensor, got {labels.dtype}")
-    _expect(i, "masks", masks, (n, config.canvas, config.canvas))
+    if "masks" in target:
+        _expect(i, "masks", target["masks"], (n, config.canvas, config.canvas))
+    else:
+        _expect(i, "mask_crops", target["mask_crops"], (n, None, None))
+        _expect(i, "mask_boxes", target["mask_boxes"], (n, 4))
     if "iscrowd" in target:
         _expect(i, "iscrowd", target["iscrowd"], (n,))
     present = [k for k in RPN_KEYS if k in target]
