@@ -5,9 +5,9 @@ pass each after one warm-up batch, taking batches from the two in turn (so that 
 same load on a shared machine):
 
 - shards: ``pipeline.training.loader.iter_batches`` (decode the stored JPEG, paste on the
-  canvas, decode
-  the in-box RLE mask crops, flip with p=0.5, draw the 256-anchor RPN sample from the stored
-  targets);
+  canvas, decode the in-box RLE mask crops and fit each to M x M (``mask_crops``, M = 4 x the
+  mask pool size, as the training collate ships them), flip with p=0.5, draw the 256-anchor
+  RPN sample from the stored targets);
 - torchvision-style (as torchvision's detection references + ``GeneralizedRCNNTransform``):
   decode the original file, polygons/RLE -> masks at the original size with pycocotools,
   resize image (bilinear) and masks (nearest) to the canvas, scale boxes, pad, build targets.
@@ -54,6 +54,7 @@ from common import (  # noqa: E402
 from maskrcnn.config import ModelConfig  # noqa: E402
 from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
 from pipeline.shards.preprocess import preprocess_split  # noqa: E402
+from pipeline.training.batch import mask_crop_size, pack_batch  # noqa: E402
 from pipeline.training.loader import iter_batches, make_collate_fn, ray_dataset  # noqa: E402
 
 
@@ -154,9 +155,18 @@ def tensor_bytes(batch) -> int:
 
 
 def batch_bytes(shards: Path, config: ModelConfig, batch: int) -> int:
-    """Bytes of the first collated batch: what a train worker pins and copies to the device."""
-    first = next(iter_batches(shards, batch_size=batch, model_config=config, flip_prob=0.5))
-    return tensor_bytes(first)
+    """Bytes of the first collated batch: what a train worker pins and copies to the device
+    (the collate's packed dict, mask crops instead of full-canvas masks)."""
+    first = next(
+        iter_batches(
+            shards,
+            batch_size=batch,
+            model_config=config,
+            flip_prob=0.5,
+            crop_size=mask_crop_size(config),
+        )
+    )
+    return tensor_bytes(pack_batch(*first))
 
 
 def batch_len(batch) -> int:
@@ -228,7 +238,10 @@ def child_memory(args: argparse.Namespace) -> None:
         build = [sys.executable, __file__, "--child-build", tmp, *_flags(args, images=args.images)]
         subprocess.run(build, check=True, capture_output=True)
         shards = Path(tmp) / "shards" / "train"
-        for _ in iter_batches(shards, batch_size=args.batch_size, model_config=config):
+        crop_size = mask_crop_size(config)
+        for _ in iter_batches(
+            shards, batch_size=args.batch_size, model_config=config, crop_size=crop_size
+        ):
             pass
     print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1)}))
 
@@ -265,7 +278,11 @@ def main() -> None:
         manifest = json.loads((data["shards"] / "manifest.json").read_text())
         shards, baseline = interleaved_images_per_second(
             iter_batches(
-                data["shards"], batch_size=args.batch_size, model_config=config, flip_prob=0.5
+                data["shards"],
+                batch_size=args.batch_size,
+                model_config=config,
+                flip_prob=0.5,
+                crop_size=mask_crop_size(config),
             ),
             torchvision_style_batches(
                 data["annotation_file"],

@@ -246,6 +246,7 @@ class TrainSettings(Section):
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
     batch_per_worker: int = 2
+    prefetch_batches: int | None = None  # Ray Data's look-ahead; None = 1 on CPU, 2 on GPU
     # optimisation
     optimizer: str = "sgd"  # adamw: betas (0.9, 0.999); momentum is SGD's only
     steps: int | None = None  # exactly one of steps and epochs (neither: DEFAULT_STEPS)
@@ -290,6 +291,10 @@ class TrainSettings(Section):
         self._choice("placement_strategy", self.placement_strategy, PLACEMENTS)
         self._check_length()
         self._check_selection()
+        self._require(
+            self.prefetch_batches is None or self.prefetch_batches >= 1,
+            "prefetch_batches must be >= 1 or null",
+        )
         for name in ("batch_per_worker", "lr_reference_batch", "grad_accum"):
             self._require(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):

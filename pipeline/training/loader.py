@@ -35,6 +35,7 @@ from maskrcnn.rpn_targets import RPNTargets, sample_rpn_targets
 from pipeline.io import storage
 from pipeline.io.images import decode_chw, resized_size
 from pipeline.shards.schema import TARGET_COLUMNS, check_compatible, shard_files
+from pipeline.training.batch import crop_targets, mask_crop_size, pack_batch
 
 __all__ = [
     "ShardCollateFn",
@@ -62,6 +63,7 @@ def decode_batch(
     positive_fraction: float = 0.5,
     flip_prob: float = 0.0,
     generator: torch.Generator | None = None,
+    crop_size: int | None = None,
 ) -> tuple[Tensor, list[dict[str, Tensor]]]:
     """Shard rows -> ``images`` uint8 ``[B, 3, S, S]`` and one target dict per image.
 
@@ -69,7 +71,8 @@ def decode_batch(
     numpy batch format gives them, or lists). Each image is flipped horizontally with
     probability ``flip_prob`` (within its own width, using the stored flipped RPN targets);
     with several stored scales, one is drawn uniformly per image first. The RPN's anchor
-    sample is drawn fresh from ``generator``.
+    sample is drawn fresh from ``generator``. Masks are full-canvas ``masks``, or with
+    ``crop_size`` M, ``mask_crops`` [N, M, M] + ``mask_boxes`` (``pipeline.training.batch``).
     """
     rows = _columns(batch)
     images = np.zeros((len(rows["image"]), 3, canvas, canvas), dtype=np.uint8)
@@ -98,11 +101,15 @@ def decode_batch(
             stored_size = _stored_size(rows, i)
             crops, rects = _resize_crops(crops, rects, stored_size, size)
             boxes = _scaled_boxes(boxes, stored_size, size)
+        if crop_size is None:
+            masks = {"masks": _canvas_masks(crops, rects, width, canvas, flip=flip)}
+        else:
+            masks = crop_targets(crops, rects, width, crop_size, flip=flip)
         targets.append(
             {
                 "boxes": _boxes(boxes, width, flip=flip),
                 "labels": torch.from_numpy(rows["labels"][i][keep].astype(np.int64)),
-                "masks": _canvas_masks(crops, rects, width, canvas, flip=flip),
+                **masks,
                 "rpn_idx": sample.idx,
                 "rpn_labels": sample.labels,
                 "rpn_deltas": sample.deltas,
@@ -272,12 +279,13 @@ def iter_batches(
     flip_prob: float = 0.0,
     drop_last: bool = False,
     train_scales: tuple[float, ...] | None = None,
+    crop_size: int | None = None,
 ) -> Iterator[tuple[Tensor, list[dict[str, Tensor]]]]:
     """Model-ready batches from a split's shards, without Ray; one shard in memory at a time.
 
     ``shuffle`` permutes the shard order and the rows within each shard (by ``seed``).
     ``split_dir`` is a local path or a URI. ``train_scales``, when given, must be the scales
-    the shards hold targets for (else ValueError).
+    the shards hold targets for (else ValueError). ``crop_size``: as in ``decode_batch``.
     """
     metadata = check_compatible(split_dir, model_config, train_scales=train_scales)
     rng = np.random.default_rng(seed)
@@ -292,6 +300,7 @@ def iter_batches(
         "positive_fraction": model_config.rpn.positive_fraction,
         "flip_prob": flip_prob,
         "generator": generator,
+        "crop_size": crop_size,
     }
     pending: pa.Table | None = None
     for path in paths:
@@ -327,7 +336,8 @@ def ray_dataset(
 
 
 class ShardCollateFn(ArrowBatchCollateFn):
-    """``iter_torch_batches(collate_fn=...)``: Arrow rows -> ``(images, targets)`` on the CPU.
+    """``iter_torch_batches(collate_fn=...)``: Arrow rows -> one dict of tensors on the CPU
+    (``pipeline.training.batch``: mask crops, pinned when ``pin_memory``).
 
     Picklable, so Ray can ship it to train workers; give each worker its own ``seed`` (e.g.
     base seed + rank). Every call draws from a generator seeded by (seed, call number), so the
@@ -343,6 +353,8 @@ class ShardCollateFn(ArrowBatchCollateFn):
         positive_fraction: float,
         flip_prob: float,
         seed: int,
+        crop_size: int,
+        pin_memory: bool = False,
     ):
         self.decode = {
             "canvas": canvas,
@@ -350,17 +362,20 @@ class ShardCollateFn(ArrowBatchCollateFn):
             "rpn_batch_size": rpn_batch_size,
             "positive_fraction": positive_fraction,
             "flip_prob": flip_prob,
+            "crop_size": crop_size,
         }
         self.seed = seed
+        self.pin_memory = pin_memory
         self._calls = itertools.count()
 
-    def __call__(self, batch: pa.Table) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    def __call__(self, batch: pa.Table) -> dict[str, Tensor]:
         state = np.random.SeedSequence([self.seed, next(self._calls)]).generate_state(1)
         generator = torch.Generator().manual_seed(int(state[0]))
-        return decode_batch(batch, generator=generator, **self.decode)
+        images, targets = decode_batch(batch, generator=generator, **self.decode)
+        return pack_batch(images, targets, pin_memory=self.pin_memory)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"decode": self.decode, "seed": self.seed}
+        return {"decode": self.decode, "seed": self.seed, "pin_memory": self.pin_memory}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -368,9 +383,10 @@ class ShardCollateFn(ArrowBatchCollateFn):
 
 
 def make_collate_fn(
-    model_config: ModelConfig, *, flip_prob: float = 0.0, seed: int = 0
+    model_config: ModelConfig, *, flip_prob: float = 0.0, seed: int = 0, pin_memory: bool = False
 ) -> ShardCollateFn:
-    """The collate function for a model configuration (anchor count from its canvas)."""
+    """The collate function for a model configuration (anchor count from its canvas, crop size
+    from its mask head); ``pin_memory`` when the batches go to a CUDA device."""
     return ShardCollateFn(
         canvas=model_config.canvas,
         num_anchors=anchor_grid(model_config.canvas, model_config.anchors).num_anchors,
@@ -378,4 +394,6 @@ def make_collate_fn(
         positive_fraction=model_config.rpn.positive_fraction,
         flip_prob=flip_prob,
         seed=seed,
+        crop_size=mask_crop_size(model_config),
+        pin_memory=pin_memory,
     )

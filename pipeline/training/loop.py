@@ -32,6 +32,7 @@ from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.config.settings import TrainSettings
 from pipeline.registry.tracking import RunRef, attached_run
+from pipeline.training.batch import prefetch_batches, to_device, unpack_batch
 from pipeline.training.device import configure_device, ddp_kwargs
 from pipeline.training.faults import FAULT_ENV, FaultDrill
 from pipeline.training.hooks import RecipeHooks
@@ -161,6 +162,7 @@ class WorkerTrainer:
             self.model_config,
             flip_prob=self.settings.flip_prob,
             seed=stream_seed(self.settings.seed, self.rank, self.progress.step),
+            pin_memory=self.device.type == "cuda",
         )
         return self.progress.step
 
@@ -220,6 +222,8 @@ class WorkerTrainer:
         batches = shard.iter_torch_batches(
             batch_size=batch,
             collate_fn=self.collate,
+            prefetch_batches=prefetch_batches(self.settings.prefetch_batches, self.device),
+            device="cpu",  # to_device moves the pinned batch, and leaves `counts` on the host
             drop_last=True,
             local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch,
             local_shuffle_seed=stream_seed(self.settings.seed, self.rank, self.progress.epoch),
@@ -228,16 +232,13 @@ class WorkerTrainer:
         while True:
             start = time.perf_counter()
             try:
-                images, targets = next(iterator)
+                packed = next(iterator)
             except StopIteration:
                 break
             seen += 1
             if seen <= skip:
                 continue
-            images = images.to(self.device, non_blocking=True)
-            targets = [
-                {k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets
-            ]
+            images, targets = unpack_batch(to_device(packed, self.device))
             self.progress.batch_in_epoch = seen
             yield images, targets, time.perf_counter() - start
         if seen == 0:

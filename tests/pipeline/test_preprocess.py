@@ -25,6 +25,7 @@ from pipeline.shards import schema as shards
 from pipeline.shards import writer as shard_writer
 from pipeline.shards.preprocess import preprocess_split
 from pipeline.shards.schema import read_manifest, shard_files
+from pipeline.training.batch import mask_crop_size, unpack_batch
 from pipeline.training.loader import iter_batches, make_collate_fn, ray_dataset
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
@@ -251,12 +252,15 @@ def test_shards_feed_ray_data_iter_torch_batches_like_the_local_iterator(train_s
     dataset.context.execution_options.preserve_order = True
     collate = make_collate_fn(CONFIG, seed=7)
     through_ray = list(dataset.iter_torch_batches(batch_size=4, collate_fn=collate))
-    local = list(iter_batches(out, batch_size=4, model_config=CONFIG))
+    crop_size = mask_crop_size(CONFIG)
+    local = list(iter_batches(out, batch_size=4, model_config=CONFIG, crop_size=crop_size))
     assert len(through_ray) == len(local) == 4
-    for (ray_images, ray_targets), (images, targets) in zip(through_ray, local, strict=True):
+    for packed, (images, targets) in zip(through_ray, local, strict=True):
+        ray_images, ray_targets = unpack_batch(packed)
         assert torch.equal(ray_images, images)
         for a, b in zip(ray_targets, targets, strict=True):
-            assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+            assert torch.equal(a["boxes"], b["boxes"])
+            assert torch.equal(a["mask_crops"], b["mask_crops"])
             assert a["rpn_idx"].shape == (256,)
 
 
