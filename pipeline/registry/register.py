@@ -8,10 +8,14 @@ A model fine-tuned from a version of the same name (``init: registry``: the run'
 ``parent_model_*`` tags) must also beat that parent, when the parent's figure was measured on
 the same val shards (same digest of the val dataset input); otherwise the decision says the
 parent was not compared (the parent is not evaluated again here).
+
+The version's files hold the ONNX graph too (``artifacts/model.onnx``, ``ONNX_ARTIFACT``), for
+serving without PyTorch; without the optional extra ``onnx`` it is left out, with a log line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -34,10 +38,12 @@ from PIL import Image
 import maskrcnn
 import pipeline
 from pipeline.inference.detector import read_model_info
+from pipeline.inference.onnx import detector_categories, export_onnx
 from pipeline.registry.lineage import PARENT_VERSION_TAG, version_description
 from pipeline.registry.pyfunc import (
     MaskRCNNPyfunc,
     input_example,
+    load_detector,
     model_signature,
     use_tracking_uri,
 )
@@ -48,6 +54,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 SEGM_TAG, BBOX_TAG = "segm_AP", "bbox_AP"
 PARENT_NAME_TAG, PARENT_URI_TAG = "parent_model_name", "parent_model_uri"  # set by train
 RUN_METRIC = "eval/segm_AP"  # what evaluate logs; read when a champion lacks the tag
+ONNX_ARTIFACT = "onnx"  # the pyfunc artifact key: artifacts/model.onnx in the version's files
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "pillow", "pycocotools", "mlflow")
 
 
@@ -236,17 +243,30 @@ def _log_pyfunc(
     with tempfile.TemporaryDirectory() as tmp:
         categories_path = Path(tmp) / "categories.json"
         categories_path.write_text(json.dumps(categories, indent=1))
+        artifacts = {"model": str(model_path), "categories": str(categories_path)}
+        onnx_path = _export_onnx(model_path, Path(tmp) / "model.onnx")
+        if onnx_path:
+            artifacts[ONNX_ARTIFACT] = str(onnx_path)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=MaskRCNNPyfunc(),
-                artifacts={"model": str(model_path), "categories": str(categories_path)},
+                artifacts=artifacts,
                 code_paths=[str(Path(package.__file__).parent) for package in (maskrcnn, pipeline)],
                 signature=model_signature(),
                 input_example=input_example(example_image()),
                 pip_requirements=_requirements(),
             )
     return info
+
+
+def _export_onnx(model_path: str | os.PathLike, path: Path) -> Path | None:
+    """The model's ONNX file at ``path``, or None (logged) without the optional extra."""
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+        log.info("onnx is not installed (the optional extra 'onnx'): no model.onnx registered")
+        return None
+    detector = load_detector(model_path, device="cpu")
+    return export_onnx(detector.model, path, categories=detector_categories(detector))
 
 
 def example_image() -> bytes:

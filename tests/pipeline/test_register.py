@@ -191,3 +191,5 @@ def test_register_takes_the_categories_from_the_model_file(store):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=decision["model_uri"]))
     artifacts = Model.load(local / "MLmodel").flavors["python_function"]["artifacts"]
     assert json.loads((local / artifacts["categories"]["path"]).read_text()) == stored
+    assert artifacts["onnx"]["path"] == "artifacts/model.onnx"
+    assert (local / "artifacts" / "model.onnx").stat().st_size > 0
