@@ -12,6 +12,7 @@ from pipeline.config.settings import EvaluateSettings
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.io import storage
 from pipeline.io.outputs import TRAIN
+from pipeline.io.ray_runtime import ensure_ray
 from pipeline.registry.tracking import RunRef, check_server
 
 log = logging.getLogger("stages.evaluate")
@@ -21,6 +22,7 @@ log = logging.getLogger("stages.evaluate")
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--verbose", action="store_true", help="Ray's own INFO lines too")
     parser.add_argument("--train", required=True, help="the train stage's output directory")
     parser.add_argument("--out", required=True, help="directory for metrics, curves, overlays")
     args = parser.parse_args(argv)
@@ -32,6 +34,7 @@ def main(argv: list[str]) -> None:
     run_file = TRAIN.find(train_dir, TRAIN.run)
     run = RunRef.read(run_file)
     check_server(run.tracking_uri, setting=f"tracking_uri in {run_file}")
+    ensure_ray(params.ray_address, verbose=args.verbose)
     metrics = evaluate(
         model_path=model_path,
         shards_dir=storage.join(params.data_path("shards_dir"), "val"),

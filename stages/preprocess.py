@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from pipeline.config.errors import UserError, command
 from pipeline.config.params import Params, load_params, model_config, setup_logging
 from pipeline.config.settings import PreprocessSettings
 from pipeline.io import storage
+from pipeline.io.ray_runtime import ensure_ray
 from pipeline.shards.preprocess import preprocess_split
 
 log = logging.getLogger("stages.preprocess")
@@ -20,6 +22,7 @@ SPLITS = ("train", "val")
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--verbose", action="store_true", help="Ray's own INFO lines too")
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
@@ -28,13 +31,15 @@ def main(argv: list[str]) -> None:
     config = model_config(params, num_classes=2)
     _check_inputs_exist(params)  # both splits, before the first one takes minutes
     shards_dir = params.data_path("shards_dir")
-    for split in SPLITS:  # preprocess_split starts Ray (once) after reading the split's file
+    ensure_ray(params.ray_address, verbose=args.verbose)
+    for split in SPLITS:
         manifest = preprocess_split(
             annotation_file=params.data_path(f"{split}_annotations"),
             images_dir=params.data_path(f"{split}_images"),
             out_dir=storage.join(shards_dir, split),
             model_config=config,
             ray_address=params.ray_address,
+            progress=args.verbose or sys.stdout.isatty(),  # Ray Data's bar, on a terminal
             **settings.to_dict(),
         )
         counts = manifest["counts"]

@@ -19,6 +19,7 @@ log = logging.getLogger("stages.train")
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--verbose", action="store_true", help="Ray's own INFO lines too")
     parser.add_argument("--out", required=True, help="directory for model.pt, metrics, loss.csv")
     args = parser.parse_args(argv)
     setup_logging()
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> None:
         project_root=params.root,
         train_manifest=manifest,
         val_annotations=params.data_path("val_annotations"),  # train.eval_every scores on it
+        verbose=args.verbose,
     )
     log.info("model written to %s (MLflow run %s)", result.model_path, result.run.run_id)
 

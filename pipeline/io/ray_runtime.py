@@ -1,37 +1,114 @@
-"""One way to get a Ray runtime: join the configured cluster, or start a local one."""
+"""One way to get a Ray runtime: join the configured cluster, or start a local one; and Ray's
+own chatter kept off the console unless asked for (``verbose``, the stages' ``--verbose``).
+
+Quiet means: Ray Data prints no per-execution lines ("Starting execution of Dataset ...",
+"Execution plan ...", "execution finished", its periodic progress blocks; a progress bar
+only on a terminal): a training runs one execution per epoch. Ray Data's full logs stay in
+``<ray session>/logs/ray-data.log``. Ray Train's INFO lines
+(per-rank checkpoint reports, worker group starts, failure-policy text) are quieted by the
+trainer through its ``LoggingConfig``; they stay in Ray Train's log files.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from typing import Any
 
 import ray
+from ray.data import DataContext
+from ray.train.v2._internal.execution import context as train_context  # a private module
 
 from pipeline.io.network import check_reachable
 
 log = logging.getLogger(__name__)
 
+# Run in every Ray worker process of our job (Ray Train's controller and workers, Ray Data's
+# actors and tasks) as it starts: the same quieting as in the driver.
+SETUP_HOOK = f"{__name__}.quiet_worker_logs"
+# "1" in the workers' environment when the driver's stdout is a terminal: training shows one
+# tqdm bar there instead of a line every log_every steps (pipeline.training.progress).
+BAR_ENV = "MASKRCNN_PROGRESS_BAR"
+# "1": verbose without the flag (it reaches the stages that `dvc repro` runs).
+VERBOSE_ENV = "MASKRCNN_VERBOSE"
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+
+def ensure_ray(
+    address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False
+) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; idempotent.
 
     ``num_cpus`` only applies to a local Ray started here. A plain ``ray.init()`` would attach to
     any cluster already running on this machine; ``address="local"`` always starts our own. It
     runs the dashboard: users watch jobs there, and Ray Train's placement-group cleaner polls the
-    state API that the dashboard serves (without it, it warns every second).
+    state API that the dashboard serves (without it, it warns every second). ``verbose`` False
+    quiets Ray's console output (the module docstring) in the driver and, through
+    ``SETUP_HOOK``, in every worker process; a stage that passes its ``--verbose`` here first
+    decides for the later calls (which return at once).
     """
     if ray.is_initialized():
         return
+    verbose = verbose_requested(verbose)
+    if not verbose:
+        quiet_data_context(DataContext.get_current(), bars=sys.stdout.isatty())
+        _quiet_data_console()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _check_address(address)
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env(verbose))
     else:
         context = ray.init(
-            address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            log_to_driver=True,
+            runtime_env=_runtime_env(verbose),
         )
         log.info("started a local Ray runtime; dashboard: http://%s", context.dashboard_url)
+
+
+def verbose_requested(flag: bool) -> bool:
+    """The ``--verbose`` flag, or ``MASKRCNN_VERBOSE=1``."""
+    return flag or os.environ.get(VERBOSE_ENV) == "1"
+
+
+def _runtime_env(verbose: bool) -> dict[str, Any] | None:
+    """The job's runtime environment: the quieting hook, and the bar switch on a terminal."""
+    env: dict[str, Any] = {"env_vars": {BAR_ENV: "1"}} if sys.stdout.isatty() else {}
+    if not verbose:
+        env["worker_process_setup_hook"] = SETUP_HOOK
+    return env or None
+
+
+def quiet_data_context(context: DataContext, *, bars: bool = False) -> None:
+    """No per-execution lines from the Ray Data executions of ``context``, and progress bars
+    only if ``bars`` (the driver's, on a terminal: preprocess's and evaluate's one bar; the
+    trainer hands its context to the workers and the split coordinator, without bars)."""
+    context.print_on_execution_start = False
+    context.enable_progress_bars = bars
+
+
+def quiet_worker_logs() -> None:
+    """Ray's worker_process_setup_hook (``SETUP_HOOK``): Ray Data's console at WARNING, and the
+    per-report line of Ray Train's worker context ("Reporting training result ..."), which it
+    logs through a logger named by its file path, past Ray Train's ``LoggingConfig``."""
+    _quiet_data_console()
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _quiet_data_console() -> None:
+    """Ray Data's console handler at WARNING (its file handler, ray-data.log, keeps all)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # Ray's console handler
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_not_bars_disabled)
+
+
+def _not_bars_disabled(record: logging.LogRecord) -> bool:
+    """Drop Ray Data's warning that we turned its progress bars off: we did, on purpose."""
+    return not str(record.msg).startswith("Progress bars disabled")
 
 
 def _check_address(address: str) -> None:

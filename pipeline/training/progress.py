@@ -1,13 +1,23 @@
-"""Loss and throughput bookkeeping, and the progress line rank 0 prints every ``log_every``
-steps."""
+"""Loss and throughput bookkeeping, and the progress rank 0 shows every ``log_every`` steps:
+one tqdm bar when the driver's stdout is a terminal (``BAR_ENV``, set by
+``pipeline.io.ray_runtime.ensure_ray``; Ray's ``tqdm_ray`` draws a worker's bar in the driver),
+else a plain line (CI, log files)."""
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from ray.experimental import tqdm_ray
+
+from pipeline.io.ray_runtime import BAR_ENV
+
+log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 SHORT_NAMES = {
@@ -87,6 +97,52 @@ class ThroughputMeter:
             "data_wait_fraction": min(self.total_wait_s / elapsed, 1.0),
             "train_s": elapsed,
         }
+
+
+def show_progress(
+    *,
+    step: int,
+    steps: int,
+    losses: dict[str, float],
+    lr: float,
+    images_per_s: float,
+    data_wait: float,
+    eta_s: float,
+) -> None:
+    """Move the bar to ``step`` (loss, img/s and ETA in its text), or log ``progress_line``."""
+    line = progress_line(
+        step=step,
+        steps=steps,
+        losses=losses,
+        lr=lr,
+        images_per_s=images_per_s,
+        data_wait=data_wait,
+        eta_s=eta_s,
+    )
+    if os.environ.get(BAR_ENV) != "1":
+        log.info("%s", line)
+        return
+    _bar(steps).show(step, line.split(" | ", 1)[1])  # the bar counts the steps itself
+
+
+class _Bar:
+    """A tqdm_ray bar moved to a step (rather than by increments)."""
+
+    def __init__(self, steps: int) -> None:
+        self.bar, self.step, self.steps = tqdm_ray.tqdm(total=steps, unit="step"), 0, steps
+
+    def show(self, step: int, text: str) -> None:
+        self.bar.set_description(text)
+        self.bar.update(step - self.step)
+        self.step = step
+        if step >= self.steps:
+            self.bar.close()
+
+
+@functools.cache
+def _bar(steps: int) -> _Bar:
+    """One bar per worker process (a restarted worker group starts a new one)."""
+    return _Bar(steps)
 
 
 def progress_line(

@@ -27,7 +27,7 @@ import ray.data
 import torch
 from mlflow.tracking import MlflowClient
 from ray.data import DataContext, RandomSeedConfig
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from maskrcnn.checkpoints import CLASS_SPECIFIC, save_model
@@ -36,7 +36,12 @@ from maskrcnn.model import MaskRCNN
 from pipeline.config.settings import TrackingSettings, TrainSettings
 from pipeline.io import storage
 from pipeline.io.outputs import TRAIN
-from pipeline.io.ray_runtime import cluster_node_count, ensure_ray
+from pipeline.io.ray_runtime import (
+    cluster_node_count,
+    ensure_ray,
+    quiet_data_context,
+    verbose_requested,
+)
 from pipeline.registry.lineage import log_shard_inputs, shard_inputs
 from pipeline.registry.tracking import (
     RunRef,
@@ -47,6 +52,7 @@ from pipeline.registry.tracking import (
     log_params,
 )
 from pipeline.shards.schema import check_compatible
+from pipeline.training.failures import FailureSummary
 from pipeline.training.loader import ray_dataset
 from pipeline.training.loop import train_loop_per_worker
 from pipeline.training.progress import LOSS_NAMES
@@ -82,6 +88,7 @@ def train(
     project_root: Path | None = None,
     train_manifest: Mapping[str, Any] | None = None,
     val_annotations: storage.Location | None = None,
+    verbose: bool = False,
 ) -> TrainResult:
     """Train ``model_config`` on ``<shards_dir>/train`` and write into ``out_dir`` the files
     of ``pipeline.io.outputs.TRAIN``: the model (``save_model``, with the shards' categories),
@@ -94,6 +101,7 @@ def train(
     ``val_annotations``: the val split's annotation file, which evaluations during training
     (``train.eval_every``) score against, on ``<shards_dir>/val``. Fault drills:
     ``MASKRCNN_FAULT`` in the workers' environment (``pipeline.training.faults``).
+    ``verbose``: Ray Data's and Ray Train's own INFO lines on the console (``ray_runtime``).
     """
     started = time.perf_counter()
     plan = plan_run(
@@ -107,13 +115,13 @@ def train(
     _check_shards(plan)
     _warn_about_slow_settings(plan.settings)
     check_server(plan.tracking_uri)  # before Ray starts: an unreachable server fails at once
-    ensure_ray(ray_address)
+    ensure_ray(ray_address, verbose=verbose)
     check_uri_for_cluster(plan.tracking_uri, node_count=cluster_node_count())
     run = _start_run(plan)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run.write(out / TRAIN.run)
-    trainer = make_trainer(plan=plan, run=run, val_annotations=val_annotations)
+    trainer = make_trainer(plan=plan, run=run, val_annotations=val_annotations, verbose=verbose)
     summary, selected = _fit(trainer, settings=plan.settings, run=run, where=plan.directory)
     _write_model(selected.state, plan, out / TRAIN.model)
     history = summary.get("history", [])
@@ -135,12 +143,18 @@ def train(
 
 
 def make_trainer(
-    *, plan: RunPlan, run: RunRef | None, val_annotations: storage.Location | None = None
+    *,
+    plan: RunPlan,
+    run: RunRef | None,
+    val_annotations: storage.Location | None = None,
+    verbose: bool = False,
 ) -> TorchTrainer:
     """The TorchTrainer of a planned run; ``run`` None trains without MLflow logging;
-    ``val_annotations``: what evaluations during training score against."""
-    settings = plan.settings
-    with _quiet_data_progress():
+    ``val_annotations``: what evaluations during training score against. Not ``verbose``:
+    Ray Train's console shows errors only (its log files keep the rest) and a worker failure
+    is summarised by ``FailureSummary``."""
+    settings, verbose = plan.settings, verbose_requested(verbose)
+    with _quiet_data_progress(verbose=verbose):
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -164,6 +178,10 @@ def make_trainer(
                 storage_path=settings.storage_path,
                 failure_config=FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=checkpoint_config(settings),
+                logging_config=LoggingConfig(log_level="INFO" if verbose else "ERROR"),
+                callbacks=[
+                    FailureSummary(run_dir=plan.directory, max_failures=settings.max_failures)
+                ],
             ),
             datasets={"train": _train_dataset(plan)},
         )
@@ -286,16 +304,18 @@ def _train_dataset(plan: RunPlan) -> ray.data.Dataset:
 
 
 @contextmanager
-def _quiet_data_progress() -> Iterator[None]:
-    """No Ray Data progress bars in the training logs: the trainer captures the current
-    DataContext when it is built and hands it to the workers."""
+def _quiet_data_progress(*, verbose: bool) -> Iterator[None]:
+    """No Ray Data progress bars in the training logs (nor, unless ``verbose``, its lines at
+    the start of each epoch's execution): the trainer captures the current DataContext when it
+    is built and hands it to the workers."""
     context = DataContext.get_current()
-    saved = context.enable_progress_bars
-    context.enable_progress_bars = False
+    saved = context.enable_progress_bars, context.print_on_execution_start
+    quiet_data_context(context)
+    context.print_on_execution_start = verbose
     try:
         yield
     finally:
-        context.enable_progress_bars = saved
+        context.enable_progress_bars, context.print_on_execution_start = saved
 
 
 def _final_metrics(
