@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 # Run in every Ray worker process of our job (Ray Train's controller and workers, Ray Data's
 # actors and tasks) as it starts: the same quieting as in the driver.
 SETUP_HOOK = f"{__name__}.quiet_worker_logs"
-# "1" in the workers' environment when the driver's stdout is a terminal: training shows one
-# tqdm bar there instead of a line every log_every steps (pipeline.training.progress).
-BAR_ENV = "MASKRCNN_PROGRESS_BAR"
 # "1": verbose without the flag (it reaches the stages that `dvc repro` runs).
 VERBOSE_ENV = "MASKRCNN_VERBOSE"
 
@@ -75,11 +72,8 @@ def verbose_requested(flag: bool) -> bool:
 
 
 def _runtime_env(verbose: bool) -> dict[str, Any] | None:
-    """The job's runtime environment: the quieting hook, and the bar switch on a terminal."""
-    env: dict[str, Any] = {"env_vars": {BAR_ENV: "1"}} if sys.stdout.isatty() else {}
-    if not verbose:
-        env["worker_process_setup_hook"] = SETUP_HOOK
-    return env or None
+    """The job's runtime environment: the quieting hook unless ``verbose``."""
+    return None if verbose else {"worker_process_setup_hook": SETUP_HOOK}
 
 
 def quiet_data_context(context: DataContext, *, bars: bool = False) -> None:

@@ -1,21 +1,17 @@
-"""Loss and throughput bookkeeping, and the progress rank 0 shows every ``log_every`` steps:
-one tqdm bar when the driver's stdout is a terminal (``BAR_ENV``, set by
-``pipeline.io.ray_runtime.ensure_ray``; Ray's ``tqdm_ray`` draws a worker's bar in the driver),
-else a plain line (CI, log files)."""
+"""Loss and throughput bookkeeping, and the progress line rank 0 logs every ``log_every`` steps.
+
+A tqdm bar on a terminal is not done: Ray's ``tqdm_ray`` (a worker's bar drawn by the driver)
+showed nothing in a pty here, even with Ray Train's print patching off; until it does, a
+terminal gets the plain line too."""
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from ray.experimental import tqdm_ray
-
-from pipeline.io.ray_runtime import BAR_ENV
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +105,7 @@ def show_progress(
     data_wait: float,
     eta_s: float,
 ) -> None:
-    """Move the bar to ``step`` (loss, img/s and ETA in its text), or log ``progress_line``."""
+    """Log ``progress_line`` (one place to draw a terminal bar instead, see the module)."""
     line = progress_line(
         step=step,
         steps=steps,
@@ -119,30 +115,7 @@ def show_progress(
         data_wait=data_wait,
         eta_s=eta_s,
     )
-    if os.environ.get(BAR_ENV) != "1":
-        log.info("%s", line)
-        return
-    _bar(steps).show(step, line.split(" | ", 1)[1])  # the bar counts the steps itself
-
-
-class _Bar:
-    """A tqdm_ray bar moved to a step (rather than by increments)."""
-
-    def __init__(self, steps: int) -> None:
-        self.bar, self.step, self.steps = tqdm_ray.tqdm(total=steps, unit="step"), 0, steps
-
-    def show(self, step: int, text: str) -> None:
-        self.bar.set_description(text)
-        self.bar.update(step - self.step)
-        self.step = step
-        if step >= self.steps:
-            self.bar.close()
-
-
-@functools.cache
-def _bar(steps: int) -> _Bar:
-    """One bar per worker process (a restarted worker group starts a new one)."""
-    return _Bar(steps)
+    log.info("%s", line)
 
 
 def progress_line(
