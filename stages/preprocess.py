@@ -32,6 +32,7 @@ def main(argv: list[str]) -> None:
     _check_inputs_exist(params)  # both splits, before the first one takes minutes
     shards_dir = params.data_path("shards_dir")
     ensure_ray(params.ray_address, verbose=args.verbose)
+    show_bar = args.verbose or sys.stdout.isatty()
     for split in SPLITS:
         manifest = preprocess_split(
             annotation_file=params.data_path(f"{split}_annotations"),
@@ -39,8 +40,8 @@ def main(argv: list[str]) -> None:
             out_dir=storage.join(shards_dir, split),
             model_config=config,
             ray_address=params.ray_address,
-            progress=args.verbose or sys.stdout.isatty(),  # Ray Data's bar, on a terminal
-            **settings.to_dict(),
+            # Ray Data's bar: on a terminal, or with --verbose; preprocess.progress can turn it off.
+            **{**settings.to_dict(), "progress": settings.progress and show_bar},
         )
         counts = manifest["counts"]
         log.info("%s: %s", split, {k: v for k, v in counts.items() if k != "skipped"})
