@@ -39,7 +39,7 @@ from pipeline.training.hooks import RecipeHooks
 from pipeline.training.loader import make_collate_fn
 from pipeline.training.metrics_sender import MetricsSender, send_metrics
 from pipeline.training.periodic_eval import PeriodicEval, rank0_evaluator
-from pipeline.training.progress import LossWindow, ThroughputMeter, show_progress
+from pipeline.training.progress import LossWindow, ThroughputMeter, progress_line
 from pipeline.training.schedule import make_optimizer, make_scheduler
 from pipeline.training.state import (
     Progress,
@@ -308,7 +308,7 @@ class WorkerTrainer:
         if self.rank != 0:
             return
         eta = (s.steps - step) * s.global_batch / max(images_per_s, 1e-9)
-        show_progress(
+        line = progress_line(
             step=step,
             steps=s.steps,
             losses=losses,
@@ -317,6 +317,7 @@ class WorkerTrainer:
             data_wait=wait,
             eta_s=eta,
         )
+        log.info("%s", line)
         if log_fn:
             log_fn({k: v for k, v in row.items() if k != "step"}, step)
 

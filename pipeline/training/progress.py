@@ -6,14 +6,11 @@ terminal gets the plain line too."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 SHORT_NAMES = {
@@ -93,29 +90,6 @@ class ThroughputMeter:
             "data_wait_fraction": min(self.total_wait_s / elapsed, 1.0),
             "train_s": elapsed,
         }
-
-
-def show_progress(
-    *,
-    step: int,
-    steps: int,
-    losses: dict[str, float],
-    lr: float,
-    images_per_s: float,
-    data_wait: float,
-    eta_s: float,
-) -> None:
-    """Log ``progress_line`` (one place to draw a terminal bar instead, see the module)."""
-    line = progress_line(
-        step=step,
-        steps=steps,
-        losses=losses,
-        lr=lr,
-        images_per_s=images_per_s,
-        data_wait=data_wait,
-        eta_s=eta_s,
-    )
-    log.info("%s", line)
 
 
 def progress_line(
