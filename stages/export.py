@@ -17,7 +17,7 @@ import time
 
 from pipeline.config.errors import command
 from pipeline.config.params import setup_logging
-from pipeline.inference.onnx import OPSET, detector_categories, export_onnx
+from pipeline.inference.onnx import OPSET, export_detector
 from pipeline.registry.pyfunc import load_detector
 
 log = logging.getLogger("stages.export")
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     setup_logging()
     started = time.monotonic()
     detector = load_detector(args.model, tracking_uri=args.tracking_uri, device="cpu")
-    path = export_onnx(detector.model, args.out, categories=detector_categories(detector))
+    path = export_detector(detector, args.out)
     log.info(
         "wrote %s (opset %d, canvas %d) in %.0f s",
         path,

@@ -136,3 +136,8 @@ def detector_categories(detector: Detector) -> list[dict[str, Any]]:
         {"id": detector.category_ids[label], "name": detector.names[label], "label": label}
         for label in sorted(detector.names)
     ]
+
+
+def export_detector(detector: Detector, path: str | os.PathLike) -> Path:
+    """A loaded Detector's model and classes exported to ``path`` (the export CLI, register)."""
+    return export_onnx(detector.model, path, categories=detector_categories(detector))

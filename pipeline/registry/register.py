@@ -38,7 +38,7 @@ from PIL import Image
 import maskrcnn
 import pipeline
 from pipeline.inference.detector import read_model_info
-from pipeline.inference.onnx import detector_categories, export_onnx
+from pipeline.inference.onnx import export_detector
 from pipeline.registry.lineage import PARENT_VERSION_TAG, version_description
 from pipeline.registry.pyfunc import (
     MaskRCNNPyfunc,
@@ -265,8 +265,7 @@ def _export_onnx(model_path: str | os.PathLike, path: Path) -> Path | None:
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
         log.info("onnx is not installed (the optional extra 'onnx'): no model.onnx registered")
         return None
-    detector = load_detector(model_path, device="cpu")
-    return export_onnx(detector.model, path, categories=detector_categories(detector))
+    return export_detector(load_detector(model_path, device="cpu"), path)
 
 
 def example_image() -> bytes:
