@@ -3,9 +3,10 @@
 Ray Train resumes whatever run directory ``<storage>/<name>`` it is pointed at. The directory
 name is ``<run_name>-<recipe hash>``: rerunning the same recipe under the same run name (after a
 crash, a stop, or with more steps) resumes it, while a changed recipe (another learning rate,
-another model) starts a fresh run instead of silently continuing the old one; this is what
-``dvc repro`` after a params change needs. Beside Ray's files we keep ``maskrcnn_run.json``:
-the recipe in full, and the MLflow run id, so that a resumed run logs into the same MLflow run.
+another model, other train data) starts a fresh run instead of silently continuing the old one;
+this is what ``dvc repro`` after a params change needs. Beside Ray's files we keep
+``maskrcnn_run.json``: the recipe in full, and the MLflow run id, so that a resumed run logs
+into the same MLflow run.
 
 ``plan_run`` resolves the paths, reads the train split's manifest and hashes the recipe, once;
 ``open_run`` finds or creates the MLflow run of the plan. With ``init: registry`` the plan also
@@ -43,6 +44,9 @@ from pipeline.shards.schema import read_manifest
 from pipeline.training.schedule import in_steps
 
 MANIFEST = "maskrcnn_run.json"
+# What of the train split's manifest names the data trained on: the annotations, how the images
+# are stored, the scales whose targets it holds.
+DATA_KEYS = ("annotation_sha256", "image_format", "train_scales")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,8 +122,8 @@ def plan_run(
     parent = None
     if settings.init == "registry":
         parent = resolve_parent(settings.weights_path or "", tracking_uri=tracking_uri)
-    spec = recipe(settings, model_config, parent=parent)
     manifest = read_manifest(train_dir) if train_manifest is None else train_manifest
+    spec = recipe(settings, model_config, parent=parent, train_manifest=manifest)
     return RunPlan(
         settings=in_steps(settings, manifest),  # epochs -> steps, once (the recipe keeps epochs)
         model_config=model_config,
@@ -156,14 +160,21 @@ def resolve_parent(weights_path: str, *, tracking_uri: str) -> ParentModel:
 
 
 def recipe(
-    settings: TrainSettings, model_config: ModelConfig, *, parent: ParentModel | None = None
+    settings: TrainSettings,
+    model_config: ModelConfig,
+    *,
+    parent: ParentModel | None = None,
+    train_manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The settings that define what is trained: all but those a resume may change. A
-    parent model enters as its version (``models:/<name>/<n>``), not as the alias asked for."""
+    """The settings that define what is trained: all but those a resume may change, and the
+    train data (``DATA_KEYS`` of its manifest), so that ``dvc repro`` after new data or other
+    training scales trains again instead of rewriting the finished run's model. A parent
+    model enters as its version (``models:/<name>/<n>``), not as the alias asked for."""
     train = {k: v for k, v in settings.to_dict().items() if k not in RESUMABLE_CHANGES}
     if parent is not None:
         train["weights_path"] = parent.uri
-    return json.loads(json.dumps({"train": train, "model": model_config.to_dict()}))
+    data = {k: (train_manifest or {}).get(k) for k in DATA_KEYS}
+    return json.loads(json.dumps({"train": train, "model": model_config.to_dict(), "data": data}))
 
 
 def recipe_hash(spec: Mapping[str, Any]) -> str:

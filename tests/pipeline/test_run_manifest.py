@@ -52,6 +52,25 @@ def test_another_recipe_is_another_run():
     assert len(names) == 5
 
 
+def test_other_train_data_is_another_run():
+    """New annotations (the synthesize stage with other params) or other training scales
+    (preprocess) must train again, not rewrite the finished run of the old data."""
+    data = {"annotation_sha256": "a" * 64, "image_format": "jpeg", "train_scales": [1.0]}
+    settings = TrainSettings(run_name="demo")
+
+    def name(**changes):
+        return plan(settings, train_manifest={**MANIFEST, **data, **changes}).name
+
+    names = {
+        name(),
+        name(annotation_sha256="b" * 64),
+        name(train_scales=[1.0, 0.5]),
+        name(image_format="png"),
+    }
+    assert len(names) == 4
+    assert name(counts={"images": 9}) == name()  # counts follow from the data named above
+
+
 def test_the_plan_resolves_paths_from_the_project_root():
     resolved = plan(TrainSettings(run_name="demo", storage_path="ray_results"))
     assert resolved.settings.storage_path == str(ROOT / "ray_results")
