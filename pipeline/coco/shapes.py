@@ -8,6 +8,14 @@ partly covers: their visible part is what is annotated), uncompressed-RLE crowd 
 and clear-edged and occlusion is limited, so that a small Mask R-CNN trained from scratch on a
 few hundred images learns them. Every image comes from its own generator seeded by (seed,
 split, index): the same seed gives byte-identical files.
+
+Two knobs make harder settings for experiments (docs/experiments.md): ``object_scale``, the range
+of a shape's size as a fraction of the image's shorter side (uniform; ``(0.05, 0.75)`` spans
+about 8 px to most of the image), and ``class_weights``, the relative frequency of each kind in
+the train split (``{"star": 0.05}`` makes stars rare). The val split keeps every kind equally
+likely, as the test sets of long-tailed benchmarks (ImageNet-LT, CIFAR-LT) are balanced, so that
+a rare class's AP is measured on as many instances as the others'. At their defaults the files
+are those of earlier versions, byte for byte.
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ _FILE_PATTERN = re.compile(r"\d{6}\.(jpg|png)")
 _OVERLAP_FRACTION = 0.35  # shapes that may be drawn over earlier ones
 _MAX_OCCLUDED = 0.3  # an instance keeps at least 70% of its area visible
 _PLACEMENT_TRIES = 20
+_OBJECT_SCALE = (0.18, 0.42)  # the default size range, as a fraction of the shorter side
+_MAX_OBJECT_SCALE = 0.75  # larger shapes do not fit inside the image with their margin
+_STRETCH = (0.85, 1.15)  # per-axis stretch of a shape
+_REACH = 1.12  # the farthest vertex of an outline, in radii (triangle and star tips)
 
 
 @dataclass
@@ -65,6 +77,8 @@ def write_shapes_dataset(
     empty_fraction: float = 0.06,
     crowd_fraction: float = 0.1,
     jpeg_quality: int = 90,
+    object_scale: tuple[float, float] = _OBJECT_SCALE,
+    class_weights: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write out_dir/images/{train,val}/NNNNNN.{jpg,png} and annotations/instances_{split}.json.
 
@@ -75,6 +89,9 @@ def write_shapes_dataset(
         raise ValueError(f"need 16 <= min_side <= max_side, got {min_side} and {max_side}")
     if max_instances < 1 or n_train < 1 or n_val < 1:
         raise ValueError("n_train, n_val and max_instances must be at least 1")
+    low, high = object_scale
+    if not 0 < low <= high <= _MAX_OBJECT_SCALE:
+        raise ValueError(f"need 0 < object_scale[0] <= object_scale[1] <= 0.75, got {object_scale}")
     out_dir = Path(out_dir)
     look = {
         "min_side": min_side,
@@ -82,7 +99,9 @@ def write_shapes_dataset(
         "max_instances": max_instances,
         "empty_fraction": empty_fraction,
         "crowd_fraction": crowd_fraction,
+        "object_scale": (float(low), float(high)),
     }
+    train_kinds = _kind_probabilities(class_weights)
     summary: dict[str, Any] = {"categories": CATEGORIES}
     for split, count in (("train", n_train), ("val", n_val)):
         images_dir = out_dir / "images" / split
@@ -93,7 +112,8 @@ def write_shapes_dataset(
         images, annotations = [], []
         for index in range(count):
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-            pixels, layers = _random_image(rng, **look)
+            kind_p = train_kinds if split == "train" else None
+            pixels, layers = _random_image(rng, kind_p=kind_p, **look)
             image_id, (height, width) = index + 1, pixels.shape[:2]
             file_name = f"{image_id:06d}.{'jpg' if rng.random() < 0.5 else 'png'}"
             (images_dir / file_name).write_bytes(_encode(pixels, file_name, jpeg_quality))
@@ -117,6 +137,21 @@ def write_shapes_dataset(
     return summary
 
 
+def _kind_probabilities(class_weights: dict[str, float] | None) -> list[float] | None:
+    """The probability of each kind (``CATEGORIES`` order) from relative weights by name
+    (unnamed kinds weigh 1); None when all are equal, which draws as earlier versions did."""
+    weights = dict(class_weights or {})
+    unknown = sorted(set(weights) - set(_KIND_IDS))
+    if unknown:
+        raise ValueError(f"class_weights: unknown categories {unknown} (known: {list(_KIND_IDS)})")
+    values = [float(weights.get(name, 1.0)) for name in _KIND_IDS]
+    if min(values) < 0 or sum(values) <= 0:
+        raise ValueError(f"class_weights must be >= 0 and not all 0, got {class_weights}")
+    if len(set(values)) == 1:
+        return None
+    return [v / sum(values) for v in values]
+
+
 def _random_image(
     rng: np.random.Generator,
     *,
@@ -125,19 +160,28 @@ def _random_image(
     max_instances: int,
     empty_fraction: float,
     crowd_fraction: float,
+    object_scale: tuple[float, float],
+    kind_p: list[float] | None,
 ) -> tuple[np.ndarray, list[_Layer]]:
-    """An image of random size, its shapes (none on empty_fraction of them) and a crowd."""
+    """An image of random size, its shapes (none on empty_fraction of them) and a crowd;
+    ``kind_p``: the probability of each kind (None: equal)."""
     height, width = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
     if rng.random() < empty_fraction:
-        return _draw_image(rng, height, width, [])
-    kinds = [str(rng.choice(list(_KIND_IDS))) for _ in range(rng.integers(1, max_instances + 1))]
+        return _draw_image(rng, height, width, [], object_scale=object_scale)
+    count = rng.integers(1, max_instances + 1)
+    kinds = [str(rng.choice(list(_KIND_IDS), p=kind_p)) for _ in range(count)]
     if rng.random() < crowd_fraction:
         kinds.insert(0, "crowd")  # drawn first, so shapes may partly cover it
-    return _draw_image(rng, height, width, kinds)
+    return _draw_image(rng, height, width, kinds, object_scale=object_scale)
 
 
 def _draw_image(
-    rng: np.random.Generator, height: int, width: int, kinds: list[str]
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    kinds: list[str],
+    *,
+    object_scale: tuple[float, float],
 ) -> tuple[np.ndarray, list[_Layer]]:
     """An image and its instances' visible masks (later layers drawn over earlier ones)."""
     pixels = _background(rng, height, width)
@@ -149,7 +193,7 @@ def _draw_image(
             if kind == "crowd":
                 layer = _crowd(rng, height, width)
             else:
-                layer = _shape(rng, kind, height, width)
+                layer = _shape(rng, kind, height, width, object_scale)
             if _placement_allowed(layer.mask, layers, may_overlap):
                 break
         else:
@@ -176,12 +220,17 @@ def _placement_allowed(mask: np.ndarray, layers: list[_Layer], may_overlap: bool
     return True
 
 
-def _shape(rng: np.random.Generator, kind: str, height: int, width: int) -> _Layer:
-    """One shape, 18-42% of the image's shorter side across, fully inside the image."""
-    size = rng.uniform(0.18, 0.42) * min(height, width)
-    stretch = rng.uniform(0.85, 1.15, size=2)
+def _shape(
+    rng: np.random.Generator, kind: str, height: int, width: int, scale: tuple[float, float]
+) -> _Layer:
+    """One shape, a fraction in ``scale`` of the image's shorter side across (by default
+    18-42%), fully inside the image: on a small image a large one is capped to what fits."""
+    shorter = min(height, width)
+    fits = (shorter / 2 - 1) / (_STRETCH[1] * _REACH / 2)  # whatever the stretch drawn next
+    size = min(rng.uniform(*scale) * shorter, fits)
+    stretch = rng.uniform(*_STRETCH, size=2)
     radius = size / 2
-    margin = radius * stretch.max() * 1.12 + 1
+    margin = radius * stretch.max() * _REACH + 1
     centre = rng.uniform((margin, margin), (width - margin, height - margin))
     angle = rng.uniform(0, 2 * np.pi)
     outline = _outline("circle" if kind == "ring" else kind, radius, angle)

@@ -147,6 +147,10 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
+    if origin is dict:
+        return isinstance(value, Mapping) and all(
+            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
+        )
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             return False
@@ -167,6 +171,9 @@ def _describe(hint: Any) -> str:
         return "null"
     if hint in names:
         return names[hint]
+    if origin is dict:
+        key, item = (_describe(a).split(" ", 1)[-1] for a in args)
+        return f"a mapping of {key}s to {item}s"
     if origin is tuple:
         item = _describe(args[0]).split(" ", 1)[-1]  # "a number" -> "number"
         if len(args) == 2 and args[1] is Ellipsis:

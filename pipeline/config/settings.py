@@ -132,6 +132,8 @@ class ShapesSettings(Section):
     empty_fraction: float = 0.06
     crowd_fraction: float = 0.1
     jpeg_quality: int = 90
+    object_scale: tuple[float, float] = (0.18, 0.42)  # shape size / shorter side of the image
+    class_weights: dict[str, float] | None = None  # relative kind frequencies in train, by name
 
     def __post_init__(self) -> None:
         self._at_least(1, "n_train", "n_val", "max_instances", "jpeg_quality")
@@ -141,6 +143,9 @@ class ShapesSettings(Section):
         )
         self._fraction("empty_fraction", "crowd_fraction")
         self._require(self.jpeg_quality <= 100, "jpeg_quality must be in 1..100")
+        scale, weights = list(self.object_scale), self.class_weights or {}
+        self._require(0 < scale[0] <= scale[1] <= 0.75, f"object_scale {scale} not in (0, 0.75]")
+        self._require(min(weights.values(), default=0) >= 0, f"class_weights < 0: {weights}")
 
 
 @dataclass(frozen=True, kw_only=True)

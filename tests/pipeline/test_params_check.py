@@ -111,6 +111,13 @@ def project_params() -> dict:
         ("ray", "address", 6379, r"ray\.address must be a string or null"),
         ("data", "shards_dir", ["a"], r"data\.shards_dir must be a string"),
         ("shapes", "n_val", 1.5, r"shapes\.n_val must be an integer"),
+        ("shapes", "object_scale", [0.1], r"shapes\.object_scale must be a list of 2 numbers"),
+        (
+            "shapes",
+            "class_weights",
+            {"star": "rare"},
+            r"shapes\.class_weights must be a mapping of strings to numbers or null",
+        ),
         ("preprocess", "progress", "no", r"preprocess\.progress must be true or false"),
         ("evaluate", "concurrency", 1.5, r"evaluate\.concurrency must be an integer or a string"),
         ("evaluate", "concurrency", True, r"evaluate\.concurrency must be an integer or a string"),
@@ -128,6 +135,10 @@ def test_an_out_of_range_value_is_named(tmp_path):
     raw = project_params()
     raw["train"]["momentum"] = 1.5
     with pytest.raises(ValueError, match=r"params\.yaml: invalid train section: .*momentum"):
+        load_params(write(tmp_path, raw))
+    raw = project_params()
+    raw["shapes"]["object_scale"] = [0.05, 0.9]
+    with pytest.raises(ValueError, match=r"invalid shapes section: .*object_scale"):
         load_params(write(tmp_path, raw))
     raw = project_params()
     raw["model"]["canvas"] = 100
