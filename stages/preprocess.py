@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from pipeline.config.errors import UserError, command
 from pipeline.config.params import Params, load_params, model_config, setup_logging
@@ -32,7 +31,6 @@ def main(argv: list[str]) -> None:
     _check_inputs_exist(params)  # both splits, before the first one takes minutes
     shards_dir = params.data_path("shards_dir")
     ensure_ray(params.ray_address, verbose=args.verbose)
-    show_bar = args.verbose or sys.stdout.isatty()
     for split in SPLITS:
         manifest = preprocess_split(
             annotation_file=params.data_path(f"{split}_annotations"),
@@ -40,8 +38,7 @@ def main(argv: list[str]) -> None:
             out_dir=storage.join(shards_dir, split),
             model_config=config,
             ray_address=params.ray_address,
-            # Ray Data's bar: on a terminal, or with --verbose; preprocess.progress can turn it off.
-            **{**settings.to_dict(), "progress": settings.progress and show_bar},
+            **settings.to_dict(),  # progress: a bar on a terminal, else a line every few seconds
         )
         counts = manifest["counts"]
         log.info("%s: %s", split, {k: v for k, v in counts.items() if k != "skipped"})

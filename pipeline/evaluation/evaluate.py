@@ -45,6 +45,7 @@ from pipeline.evaluation.cocoeval import (
 from pipeline.inference.detector import Detector
 from pipeline.inference.overlay import draw_detections, save_overlay
 from pipeline.io import storage
+from pipeline.io.console import ImageProgress
 from pipeline.io.images import decode_rgb
 from pipeline.io.ray_runtime import ensure_ray
 from pipeline.shards.schema import read_manifest, shard_files
@@ -212,6 +213,7 @@ def _predict(
     """[(image_id, file_name)] in image-id order, and every image's COCO results."""
     filesystem, paths = shard_files(shards_dir, manifest=manifest)
     dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=READ_COLUMNS)
+    dataset.context.enable_progress_bars = False  # ours instead (ImageProgress): one bar, or lines
     log.info(
         "inference on %d actor(s), each %g CPU, %d GPU, %d torch thread(s), amp %s",
         plan.size,
@@ -236,9 +238,15 @@ def _predict(
         num_gpus=plan.num_gpus,
         udf_modifying_row_count=False,
     )
+    rows = []
+    split = str(shards_dir).rstrip("/").rsplit("/", 1)[-1]
+    with ImageProgress(f"evaluate {split}", total=manifest["counts"]["images"]) as meter:
+        for row in predicted.iter_rows():
+            rows.append(row)
+            meter.add(1)
     images: list[tuple[int, str]] = []
     results: list[dict[str, Any]] = []
-    for row in sorted(predicted.iter_rows(), key=lambda r: int(r["image_id"])):
+    for row in sorted(rows, key=lambda r: int(r["image_id"])):
         images.append((int(row["image_id"]), str(row["file_name"])))
         results.extend(json.loads(row["results"]))
     return images, results

@@ -2,8 +2,9 @@
 own chatter kept off the console unless asked for (``verbose``, the stages' ``--verbose``).
 
 Quiet means: Ray Data prints no per-execution lines ("Starting execution of Dataset ...",
-"Execution plan ...", "execution finished", its periodic progress blocks; a progress bar
-only on a terminal): a training runs one execution per epoch. Ray Data's full logs stay in
+"Execution plan ...", "execution finished", its periodic progress blocks) and no progress
+bars (the stages draw their own, ``pipeline.io.console``): a training runs one execution per
+epoch. Ray Data's full logs stay in
 ``<ray session>/logs/ray-data.log``. Ray Train's INFO lines
 (per-rank checkpoint reports, worker group starts, failure-policy text) are quieted by the
 trainer through its ``LoggingConfig``; they stay in Ray Train's log files.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
 import ray
@@ -48,7 +48,7 @@ def ensure_ray(
         return
     verbose = verbose_requested(verbose)
     if not verbose:
-        quiet_data_context(DataContext.get_current(), bars=sys.stdout.isatty())
+        quiet_data_context(DataContext.get_current())
         _quiet_data_console()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -76,12 +76,13 @@ def _runtime_env(verbose: bool) -> dict[str, Any] | None:
     return None if verbose else {"worker_process_setup_hook": SETUP_HOOK}
 
 
-def quiet_data_context(context: DataContext, *, bars: bool = False) -> None:
-    """No per-execution lines from the Ray Data executions of ``context``, and progress bars
-    only if ``bars`` (the driver's, on a terminal: preprocess's and evaluate's one bar; the
-    trainer hands its context to the workers and the split coordinator, without bars)."""
+def quiet_data_context(context: DataContext) -> None:
+    """No per-execution lines and no progress bars from the Ray Data executions of
+    ``context``: preprocess and evaluate draw their own bar, or log their own lines
+    (``pipeline.io.console``); the trainer hands its context to the workers and the split
+    coordinator, and the driver draws the training's bar."""
     context.print_on_execution_start = False
-    context.enable_progress_bars = bars
+    context.enable_progress_bars = False
 
 
 def quiet_worker_logs() -> None:

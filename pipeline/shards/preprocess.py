@@ -39,6 +39,7 @@ from pipeline.coco.reader import (
     read_coco,
 )
 from pipeline.io import storage
+from pipeline.io.console import ImageProgress
 from pipeline.io.images import canvas_scale, resized_size
 from pipeline.io.ray_runtime import ensure_ray
 from pipeline.shards.schema import TARGET_COLUMNS, rows_to_table, shard_metadata
@@ -73,7 +74,8 @@ def preprocess_split(
 
     ``train_scales`` (factors in (0, 1]) apply to the split named ``train``: its rows hold the
     RPN targets of the image resized so its longer side is round(r * canvas), for each r.
-    Every other split keeps the canvas scale only (``[1.0]``).
+    Every other split keeps the canvas scale only (``[1.0]``). ``progress``: a bar on a
+    terminal, else a line every few seconds (``pipeline.io.console``); False: neither.
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
@@ -106,21 +108,23 @@ def preprocess_split(
             "jpeg_quality": jpeg_quality,
             "metadata": metadata,
         },
-        progress=progress,
     )
     instances = crowd = 0
     label_images: Counter[str] = Counter()
     target_bytes = np.zeros(len(scales), dtype=np.int64)
-    with SplitWriter(out_dir, metadata=metadata) as writer:
+    meter = ImageProgress(f"preprocess {split}", total=len(records), enabled=progress)
+    with SplitWriter(out_dir, metadata=metadata) as writer, meter:
         for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in batch.to_pylist():
-                skipped += json.loads(shard["skipped"])
+                task_skipped = json.loads(shard["skipped"])
+                skipped += task_skipped
                 instances += shard["instances"]
                 crowd += shard["crowd"]
                 label_images.update(json.loads(shard["label_images"]))
                 target_bytes += json.loads(shard["target_bytes"])
                 if shard["rows"]:
                     writer.add_shard(shard["parquet"], shard["rows"])
+                meter.add(shard["rows"] + len(task_skipped))
         if writer.rows == 0:
             raise DataError(annotation_file, "images", "no usable images: every image was skipped")
         counts = {
@@ -150,14 +154,14 @@ def preprocess_split(
 
 
 def _encoded_dataset(
-    groups: list[list[ImageRecord]], *, encode: dict[str, Any], progress: bool
+    groups: list[list[ImageRecord]], *, encode: dict[str, Any]
 ) -> ray.data.Dataset:
     """A lazy Ray dataset of encoded shards (one row each: Parquet bytes and counts), in order."""
     items = [{"records": pickle.dumps(group)} for group in groups]
     source = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     context = source.context  # this dataset's own copy of the DataContext
     context.execution_options.preserve_order = True
-    context.enable_progress_bars = progress
+    context.enable_progress_bars = False  # ours instead (ImageProgress): one bar, or lines
     # Per-operator resource reservation keeps half the CPUs back for other operators; with a
     # single map operator it only halves the parallelism on small machines (measured on 2 CPUs:
     # 1.0 task at a time instead of 1.7; docs/benchmarks.md, "Preprocess").
