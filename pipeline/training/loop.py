@@ -39,7 +39,8 @@ from pipeline.training.hooks import RecipeHooks
 from pipeline.training.loader import make_collate_fn
 from pipeline.training.metrics_sender import MetricsSender, send_metrics
 from pipeline.training.periodic_eval import PeriodicEval, rank0_evaluator
-from pipeline.training.progress import LossWindow, ThroughputMeter, progress_line
+from pipeline.training.progress import LossWindow, ThroughputMeter, diverged_message
+from pipeline.training.progress_bar import StepReporter
 from pipeline.training.schedule import make_optimizer, make_scheduler
 from pipeline.training.state import (
     Progress,
@@ -60,8 +61,9 @@ WORKER_NODES_TAG = "ray.worker_node_ids"
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. ``config``: ``settings`` and ``model`` (dicts), ``run`` (RunRef
-    fields or None). Rank 0 returns a summary. A fault drill, if any, comes from the
-    ``MASKRCNN_FAULT`` environment variable (:mod:`pipeline.training.faults`)."""
+    fields or None), ``board`` (the driver's progress bar board, or None). Rank 0 returns a
+    summary. A fault drill, if any, comes from the ``MASKRCNN_FAULT`` environment variable
+    (:mod:`pipeline.training.faults`)."""
     settings = TrainSettings.from_dict(config["settings"])
     model_config = ModelConfig.from_dict(config["model"])
     context = ray.train.get_context()
@@ -77,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         device=ray.train.torch.get_device(),
         drill=FaultDrill.parse(os.environ.get(FAULT_ENV)),
         evaluator=rank0_evaluator(config.get("eval"), settings, model_config, rank=rank),
+        reporter=StepReporter(config.get("board")) if rank == 0 else None,
     )
     resumed_from = trainer.restore(ray.train.get_checkpoint(), parent=config.get("parent"))
     run = RunRef(**config["run"]) if config.get("run") and rank == 0 else None
@@ -113,8 +116,10 @@ class WorkerTrainer:
         device: torch.device,
         drill: FaultDrill | None = None,
         evaluator: PeriodicEval | None = None,
+        reporter: StepReporter | None = None,
     ) -> None:
         self.settings, self.rank, self.world = settings, rank, world
+        self.reporter = reporter or StepReporter()
         self.hooks = RecipeHooks(settings, rank=rank, world=world, evaluator=evaluator)
         self.model_config = model_config
         self.device, self.drill = device, drill
@@ -308,7 +313,7 @@ class WorkerTrainer:
         if self.rank != 0:
             return
         eta = (s.steps - step) * s.global_batch / max(images_per_s, 1e-9)
-        line = progress_line(
+        self.reporter.report(
             step=step,
             steps=s.steps,
             losses=losses,
@@ -317,7 +322,6 @@ class WorkerTrainer:
             data_wait=wait,
             eta_s=eta,
         )
-        log.info("%s", line)
         if log_fn:
             log_fn({k: v for k, v in row.items() if k != "step"}, step)
 
@@ -385,15 +389,3 @@ class WorkerTrainer:
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, mine)
         return gathered
-
-
-def diverged_message(losses: dict[str, float], *, step: int) -> str:
-    """Why training stops on a non-finite loss (as detectron2 does): every later step would
-    be NaN too, and a run that goes on logging NaN for an hour helps nobody. ``losses`` are
-    the means since the last log; the first non-finite one is at ``step`` or before."""
-    values = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
-    return (
-        f"training diverged at step {step}: the loss is not finite (means since the last "
-        f"log: {values}). Lower train.base_lr, lengthen train.warmup_steps or set "
-        "train.grad_clip, and run again."
-    )

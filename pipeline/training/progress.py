@@ -1,8 +1,8 @@
 """Loss and throughput bookkeeping, and the progress line rank 0 logs every ``log_every`` steps.
 
-A tqdm bar on a terminal is not done: Ray's ``tqdm_ray`` (a worker's bar drawn by the driver)
-showed nothing in a pty here, even with Ray Train's print patching off; until it does, a
-terminal gets the plain line too."""
+On a terminal the driver draws a tqdm bar instead (``progress_bar``: rank 0 feeds it through a
+small actor), and the line goes to Ray Train's worker log file only; otherwise it is the
+console's progress line. A non-finite loss ends the training (``diverged_message``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from pipeline.io.console import format_duration
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 SHORT_NAMES = {
@@ -112,6 +114,13 @@ def progress_line(
     )
 
 
-def format_duration(seconds: float) -> str:
-    seconds = max(round(seconds), 0)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def diverged_message(losses: dict[str, float], *, step: int) -> str:
+    """Why training stops on a non-finite loss (as detectron2 does): every later step would
+    be NaN too, and a run that goes on logging NaN for an hour helps nobody. ``losses`` are
+    the means since the last log; the first non-finite one is at ``step`` or before."""
+    values = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
+    return (
+        f"training diverged at step {step}: the loss is not finite (means since the last "
+        f"log: {values}). Lower train.base_lr, lengthen train.warmup_steps or set "
+        "train.grad_clip, and run again."
+    )

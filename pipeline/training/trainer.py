@@ -35,6 +35,7 @@ from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.config.settings import TrackingSettings, TrainSettings
 from pipeline.io import storage
+from pipeline.io.console import on_terminal
 from pipeline.io.outputs import TRAIN
 from pipeline.io.ray_runtime import (
     cluster_node_count,
@@ -56,6 +57,7 @@ from pipeline.training.failures import FailureSummary
 from pipeline.training.loader import ray_dataset
 from pipeline.training.loop import train_loop_per_worker
 from pipeline.training.progress import LOSS_NAMES
+from pipeline.training.progress_bar import training_bar
 from pipeline.training.repeat import repeat_dataset
 from pipeline.training.run_dir import RunPlan, open_run, plan_run
 from pipeline.training.selection import Selected, checkpoint_config, eval_spec, select_checkpoint
@@ -121,8 +123,11 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run.write(out / TRAIN.run)
-    trainer = make_trainer(plan=plan, run=run, val_annotations=val_annotations, verbose=verbose)
-    summary, selected = _fit(trainer, settings=plan.settings, run=run, where=plan.directory)
+    with training_bar(steps=plan.settings.steps, enabled=on_terminal()) as board:
+        trainer = make_trainer(
+            plan=plan, run=run, val_annotations=val_annotations, verbose=verbose, board=board
+        )
+        summary, selected = _fit(trainer, settings=plan.settings, run=run, where=plan.directory)
     _write_model(selected.state, plan, out / TRAIN.model)
     history = summary.get("history", [])
     metrics = _final_metrics(summary, plan.settings, wall_s=time.perf_counter() - started)
@@ -148,11 +153,13 @@ def make_trainer(
     run: RunRef | None,
     val_annotations: storage.Location | None = None,
     verbose: bool = False,
+    board: str | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of a planned run; ``run`` None trains without MLflow logging;
     ``val_annotations``: what evaluations during training score against. Not ``verbose``:
     Ray Train's console shows errors only (its log files keep the rest) and a worker failure
-    is summarised by ``FailureSummary``."""
+    is summarised by ``FailureSummary``. ``board``: the progress bar's board (``progress_bar``),
+    which rank 0 feeds instead of logging its progress line on the console."""
     settings, verbose = plan.settings, verbose_requested(verbose)
     with _quiet_data_progress(verbose=verbose):
         return TorchTrainer(
@@ -161,6 +168,7 @@ def make_trainer(
                 "settings": settings.to_dict(),
                 "model": plan.model_config.to_dict(),
                 "run": run.to_dict() if run else None,
+                "board": board,
                 "parent": _parent_config(plan),
                 "eval": eval_spec(
                     settings=settings, train_dir=plan.train_dir, val_annotations=val_annotations

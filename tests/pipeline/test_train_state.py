@@ -1,6 +1,8 @@
 """Checkpoint contents, RNG streams, the progress bookkeeping and the metrics sender, without
 Ray."""
 
+import io
+import logging
 import random
 import threading
 import time
@@ -9,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.io.console import format_duration
 from pipeline.training.metrics_sender import MetricsSender
-from pipeline.training.progress import LOSS_NAMES, LossWindow, format_duration, progress_line
+from pipeline.training.progress import LOSS_NAMES, LossWindow, progress_line
+from pipeline.training.progress_bar import log_to_files
 from pipeline.training.state import (
     Progress,
     device_rng_state,
@@ -104,6 +108,25 @@ def test_progress_line_reads_well():
         "lr 2.00e-03 | 8.1 img/s | data wait 3% | ETA 1:02:05"
     )
     assert format_duration(59.6) == "0:01:00"
+
+
+def test_with_a_bar_the_progress_line_goes_to_the_log_files_only(tmp_path):
+    """Rank 0 under the driver's bar: its line in the worker log file, not on the console."""
+    root = logging.getLogger()
+    to_file, to_console = (
+        logging.FileHandler(tmp_path / "worker.log"),
+        logging.StreamHandler(io.StringIO()),
+    )
+    root.addHandler(to_file)
+    root.addHandler(to_console)
+    try:
+        log_to_files("step 1/2 | loss 1.000")
+    finally:
+        root.removeHandler(to_file)
+        root.removeHandler(to_console)
+        to_file.close()
+    assert (tmp_path / "worker.log").read_text() == "step 1/2 | loss 1.000\n"
+    assert to_console.stream.getvalue() == ""
 
 
 def test_a_checkpoint_with_more_gpu_states_than_this_process_has_resumes(tmp_path):
