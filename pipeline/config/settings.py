@@ -30,6 +30,7 @@ REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 IMAGE_FORMATS = ("jpeg", "png")
 AUTO = "auto"
+LOCAL = "local"  # evaluate.concurrency: in the stage's own process
 
 # Settings that may change while a run goes on under the same run name: how long it runs, how
 # often it logs and checkpoints, where and on how many workers it runs (the learning rate follows
@@ -176,8 +177,9 @@ class PreprocessSettings(Section):
 @dataclass(frozen=True, kw_only=True)
 class EvaluateSettings(Section):
     """Batch inference and scoring (``evaluate:``), for ``evaluate``. ``concurrency``: the
-    number of inference actors, or "auto" to size the pool to the cluster; ``amp``: autocast
-    of inference on GPUs (as ``train.amp``)."""
+    number of inference actors, "local" (in the stage's process, no Ray), or "auto" (local on
+    one machine with at most one GPU, else a pool sized to the cluster); ``amp``: autocast of
+    inference on GPUs (as ``train.amp``)."""
 
     SECTION: ClassVar[str] = "evaluate"
 
@@ -195,8 +197,8 @@ class EvaluateSettings(Section):
         self._fraction("score_threshold", "overlay_score_threshold")
         count = isinstance(self.concurrency, int) and not isinstance(self.concurrency, bool)
         self._require(
-            self.concurrency == AUTO or (count and self.concurrency >= 1),
-            f'concurrency must be an integer >= 1 or "auto", got {self.concurrency!r}',
+            self.concurrency in (AUTO, LOCAL) or (count and self.concurrency >= 1),
+            f'concurrency must be an integer >= 1, "auto" or "local", got {self.concurrency!r}',
         )
 
 

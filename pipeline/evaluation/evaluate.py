@@ -1,9 +1,8 @@
 """Stage evaluate's logic: batch inference over the val shards, COCO scores, plots, overlays.
 
-Inference runs on Ray Data: an actor pool whose actors each build the model once (a GPU each
-when the cluster has them) and turn batches of shard rows into COCO results in original image
-coordinates. The model file is read by the driver and reaches the actors through Ray's object
-store, so they need not see the driver's files (on a cluster they run on other nodes). The
+Inference (``pipeline.evaluation.inference``) turns batches of shard rows into COCO results in
+original image coordinates, in this process on one machine, or on a Ray Data actor pool on a
+cluster or several GPUs (``evaluate.concurrency``). The
 driver scores the results with pycocotools against the original annotation file and writes
 ``metrics.json``, ``pr_curve.csv``, ``predictions.json`` and ``overlays/*.png``, then
 logs all of it to the training's MLflow run (metrics prefixed ``eval/``, files under ``eval/``).
@@ -11,10 +10,8 @@ logs all of it to the training's MLflow run (metrics prefixed ``eval/``, files u
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -22,16 +19,13 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
-import ray.data
-import torch
 
-from maskrcnn.checkpoints import load_model, read_model_info
+from maskrcnn.checkpoints import read_model_info
 from pipeline.coco.masks import decode_rle
 from pipeline.coco.reader import read_image
 from pipeline.evaluation.cocoeval import (
@@ -40,79 +34,19 @@ from pipeline.evaluation.cocoeval import (
     pr_curve_rows,
     score_all,
     summary_table,
-    to_coco_results,
 )
-from pipeline.inference.detector import Detector
+from pipeline.evaluation.inference import (
+    pool_plan,
+    predict_here,
+    predict_on_actors,
+    runs_here,
+)
 from pipeline.inference.overlay import draw_detections, save_overlay
 from pipeline.io import storage
-from pipeline.io.console import ImageProgress
-from pipeline.io.images import decode_rgb
 from pipeline.io.ray_runtime import ensure_ray
-from pipeline.shards.schema import read_manifest, shard_files
+from pipeline.shards.schema import read_manifest
 
 log = logging.getLogger(__name__)
-
-READ_COLUMNS = ["image_id", "file_name", "height", "width", "scale", "image"]
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# concurrency "auto" on CPUs: one actor per this many CPUs of the cluster (docs/benchmarks.md,
-# "Evaluation actors on CPU": on 2 cores, 2 one-thread actors vs 1 two-thread actor).
-CPUS_PER_AUTO_ACTOR = 2
-
-
-@dataclass(frozen=True)
-class PoolPlan:
-    """The inference actor pool: how many actors, what each reserves, and its torch threads."""
-
-    size: int
-    num_cpus: float
-    num_gpus: int
-    threads: int
-
-
-class ShardPredictor:
-    """Ray Data actor: builds the model once, then shard rows -> COCO results (JSON per image).
-
-    ``model`` is the model file's bytes in Ray's object store (a ref, fetched here, on whichever
-    node the actor runs), never a path: the driver's files are not the actor's. On a GPU the
-    model runs under autocast in ``amp`` ("none", "bf16", "fp16": the training's).
-    """
-
-    def __init__(
-        self,
-        *,
-        model: ray.ObjectRef | bytes,
-        categories: list[dict],
-        score_threshold: float,
-        threads: int,
-        amp: str = "none",
-    ) -> None:
-        # ``threads``: the actor's share of the cluster's cores, at most its node's.
-        torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        raw = ray.get(model) if isinstance(model, ray.ObjectRef) else model
-        self.detector = Detector(load_model(io.BytesIO(raw)), categories=categories, device=device)
-        self.score_threshold = score_threshold
-        self.amp = AMP_DTYPES.get(amp) if device == "cuda" else None
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [decode_rgb(b) for b in batch["image"]]
-        autocast = torch.autocast("cuda", dtype=self.amp) if self.amp else contextlib.nullcontext()
-        with autocast:
-            detections = self.detector.detect_resized(
-                images,
-                scales=[float(s) for s in batch["scale"]],
-                sizes=list(zip(batch["height"], batch["width"], strict=True)),
-                score_threshold=self.score_threshold,
-            )
-        results = [
-            json.dumps(to_coco_results(int(image_id), detection, self.detector.category_ids))
-            for image_id, detection in zip(batch["image_id"], detections, strict=True)
-        ]
-        return {
-            "image_id": batch["image_id"],
-            "file_name": batch["file_name"],
-            "results": np.array(results, dtype=object),
-        }
 
 
 def evaluate(
@@ -155,16 +89,19 @@ def evaluate(
     shutil.rmtree(out / "overlays", ignore_errors=True)  # none left from an earlier run
 
     started = time.perf_counter()
-    ensure_ray(ray_address)
-    images, results = _predict(
-        model=ray.put(model_bytes),
-        shards_dir=shards_dir,
-        manifest=manifest,
-        batch_size=batch_size,
-        score_threshold=score_threshold,
-        plan=_pool_plan(concurrency, ray.cluster_resources()),
-        amp=amp,
-    )
+    common = {
+        "shards_dir": shards_dir,
+        "manifest": manifest,
+        "batch_size": batch_size,
+        "score_threshold": score_threshold,
+        "amp": amp,
+    }
+    if runs_here(concurrency, ray_address):
+        images, results = predict_here(model_bytes=model_bytes, **common)
+    else:
+        ensure_ray(ray_address)
+        plan = pool_plan(concurrency, ray.cluster_resources())
+        images, results = predict_on_actors(model=ray.put(model_bytes), plan=plan, **common)
     del model_bytes
     seconds = time.perf_counter() - started
     log.info(
@@ -198,87 +135,6 @@ def evaluate(
     if tracking_run:
         log_to_run(tracking_run, metrics, out)
     return metrics
-
-
-def _predict(
-    *,
-    model: ray.ObjectRef,
-    shards_dir: str | os.PathLike,
-    manifest: Mapping[str, Any],
-    batch_size: int,
-    score_threshold: float,
-    plan: PoolPlan,
-    amp: str = "none",
-) -> tuple[list[tuple[int, str]], list[dict[str, Any]]]:
-    """[(image_id, file_name)] in image-id order, and every image's COCO results."""
-    filesystem, paths = shard_files(shards_dir, manifest=manifest)
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=READ_COLUMNS)
-    dataset.context.enable_progress_bars = False  # ours instead (ImageProgress): one bar, or lines
-    log.info(
-        "inference on %d actor(s), each %g CPU, %d GPU, %d torch thread(s), amp %s",
-        plan.size,
-        plan.num_cpus,
-        plan.num_gpus,
-        plan.threads,
-        amp if plan.num_gpus else "none (CPU)",
-    )
-    predicted = dataset.map_batches(
-        ShardPredictor,
-        fn_constructor_kwargs={
-            "model": model,
-            "categories": manifest["categories"],
-            "score_threshold": score_threshold,
-            "threads": plan.threads,
-            "amp": amp,
-        },
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.size),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus,
-        udf_modifying_row_count=False,
-    )
-    rows = []
-    split = str(shards_dir).rstrip("/").rsplit("/", 1)[-1]
-    with ImageProgress(f"evaluate {split}", total=manifest["counts"]["images"]) as meter:
-        for row in predicted.iter_rows():
-            rows.append(row)
-            meter.add(1)
-    images: list[tuple[int, str]] = []
-    results: list[dict[str, Any]] = []
-    for row in sorted(rows, key=lambda r: int(r["image_id"])):
-        images.append((int(row["image_id"]), str(row["file_name"])))
-        results.extend(json.loads(row["results"]))
-    return images, results
-
-
-def _pool_plan(concurrency: int | str, resources: Mapping[str, float]) -> PoolPlan:
-    """The actor pool for ``concurrency`` (an int, or "auto") on a cluster with ``resources``.
-
-    With GPUs: one actor per GPU ("auto", and the most allowed). On CPUs the actors share all
-    but one of the cluster's CPUs (Ray Data's read tasks need one: actors holding every CPU
-    would wait for data forever), each computing with its share of the cores; "auto" is one
-    actor per ``CPUS_PER_AUTO_ACTOR`` CPUs.
-    """
-    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    limit = gpus if gpus else cpus
-    wanted = (gpus or max(1, cpus // CPUS_PER_AUTO_ACTOR)) if concurrency == "auto" else concurrency
-    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
-        raise ValueError(
-            f'evaluate.concurrency must be a positive integer or "auto", got {concurrency!r}'
-        )
-    size = min(wanted, limit)
-    if size < wanted:
-        log.warning(
-            "evaluate.concurrency %d lowered to %d to fit the cluster (%s)",
-            wanted,
-            size,
-            "one actor per GPU" if gpus else "one per CPU",
-        )
-    if gpus:
-        return PoolPlan(size=size, num_cpus=1, num_gpus=1, threads=max(1, cpus // size))
-    share = min(1.0, max(cpus - 1, 1) / size)
-    return PoolPlan(size=size, num_cpus=share, num_gpus=0, threads=max(1, cpus // size))
 
 
 def _check_source(

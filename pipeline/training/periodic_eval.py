@@ -21,23 +21,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 import ray.train.torch
 import torch
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.coco.cocoeval import ground_truth_from_bytes, score_all, to_coco_results
+from pipeline.coco.cocoeval import ground_truth_from_bytes, score_all
 from pipeline.config.settings import TrainSettings
 from pipeline.inference.detector import Detector
+from pipeline.inference.shard_scoring import detect_rows, iter_rows
 from pipeline.io.images import decode_rgb
-from pipeline.shards.schema import read_manifest, shard_files
+from pipeline.shards.schema import read_manifest
 from pipeline.training.state import Progress
 
 SCORE = "eval_segm_AP"  # the reported metric Ray Train ranks checkpoints by
 NOT_EVALUATED = -1.0  # the score of a checkpoint taken without an evaluation: below any AP
-COLUMNS = ["image_id", "height", "width", "scale", "image"]
 BATCH = 4  # val images per forward pass
 
 
@@ -89,16 +88,12 @@ class PeriodicEval:
         self.detector.model.eval()
         results: list[dict[str, Any]] = []
         for start in range(0, len(self.rows), BATCH):
-            rows = self.rows[start : start + BATCH]
-            detections = self.detector.detect_resized(
-                self.images[start : start + BATCH],
-                scales=[float(r["scale"]) for r in rows],
-                sizes=[(int(r["height"]), int(r["width"])) for r in rows],
-            )
-            for row, detection in zip(rows, detections, strict=True):
-                results += to_coco_results(
-                    int(row["image_id"]), detection, self.detector.category_ids
-                )
+            for image_results in detect_rows(
+                self.detector,
+                self.rows[start : start + BATCH],
+                images=self.images[start : start + BATCH],
+            ):
+                results += image_results
         scores = score_all(self.gt, results, image_ids=[int(r["image_id"]) for r in self.rows])
         return EvalResult(
             step=step,
@@ -131,13 +126,7 @@ def rank0_evaluator(
 
 def _read_rows(val_dir: str, manifest: Mapping[str, Any], *, limit: int | None) -> list[dict]:
     """The first ``limit`` (all: None) val rows by image id."""
-    filesystem, paths = shard_files(val_dir, manifest=manifest)
-    rows = [
-        row
-        for path in paths
-        for row in pq.read_table(path, columns=COLUMNS, filesystem=filesystem).to_pylist()
-    ]
-    rows.sort(key=lambda r: int(r["image_id"]))
+    rows = sorted(iter_rows(val_dir, manifest), key=lambda r: int(r["image_id"]))
     if not rows:
         raise ValueError(f"val shards in {val_dir} hold no images to evaluate on")
     return rows[:limit] if limit else rows

@@ -15,7 +15,8 @@ from pycocotools import mask as mask_utils
 from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
-from pipeline.evaluation.evaluate import PoolPlan, _pool_plan, evaluate
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.inference import PoolPlan, pool_plan, runs_here
 from pipeline.shards.preprocess import preprocess_split
 
 
@@ -131,6 +132,34 @@ def test_evaluate_writes_scores_plots_predictions_overlays_and_logs_them(val):
     } <= logged
 
 
+def test_in_process_inference_gives_the_actor_pools_results(val):
+    """``concurrency: local`` (what "auto" picks on one machine) is the same inference as the
+    actor pool: the same detections, in the same order, so the same scores."""
+    common = {
+        "model_path": val["model"],
+        "shards_dir": val["shards"],
+        "annotation_file": val["annotation_file"],
+        "images_dir": val["images_dir"],
+        "batch_size": 3,
+        "num_overlays": 0,
+    }
+    outs = {c: val["work"] / f"eval-{c}" for c in ("local", 1)}
+    metrics = {c: evaluate(out_dir=out, concurrency=c, **common) for c, out in outs.items()}
+    predictions = {c: json.loads((out / "predictions.json").read_text()) for c, out in outs.items()}
+    assert len(predictions["local"]) > 0
+    assert predictions["local"] == predictions[1]
+    speeds = {c: m.pop("images_per_second") for c, m in metrics.items()}
+    assert metrics["local"] == metrics[1] and min(speeds.values()) > 0
+
+
+def test_auto_runs_in_process_only_without_a_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runs_here("auto", None) and runs_here("local", "auto")
+    assert not runs_here("auto", "auto") and not runs_here(2, None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not runs_here("auto", None)
+
+
 def test_a_model_for_another_canvas_is_refused(val):
     other = val["work"] / "canvas128.pt"
     save_model(MaskRCNN(tiny_config(canvas=128)), other)
@@ -146,24 +175,26 @@ def test_a_model_for_another_canvas_is_refused(val):
 
 def test_cpu_actors_leave_a_cpu_for_reading():
     # Actors holding every CPU would wait forever for the read tasks.
-    assert _pool_plan(1, {"CPU": 2}) == PoolPlan(size=1, num_cpus=1.0, num_gpus=0, threads=2)
-    assert _pool_plan(2, {"CPU": 2}) == PoolPlan(size=2, num_cpus=0.5, num_gpus=0, threads=1)
-    assert _pool_plan(3, {"CPU": 2}).size == 2  # at most one per CPU
+    assert pool_plan(1, {"CPU": 2}) == PoolPlan(size=1, num_cpus=1.0, num_gpus=0, threads=2)
+    assert pool_plan(2, {"CPU": 2}) == PoolPlan(size=2, num_cpus=0.5, num_gpus=0, threads=1)
+    assert pool_plan(3, {"CPU": 2}).size == 2  # at most one per CPU
     for concurrency in (1, 3, 8):
-        plan = _pool_plan(concurrency, {"CPU": 8})
+        plan = pool_plan(concurrency, {"CPU": 8})
         assert plan.size * plan.num_cpus <= 7 and plan.threads == 8 // plan.size
 
 
 def test_auto_is_one_actor_per_gpu_or_per_two_cpus():
-    on_gpus = _pool_plan("auto", {"CPU": 32, "GPU": 8})
+    on_gpus = pool_plan("auto", {"CPU": 32, "GPU": 8})
     assert on_gpus == PoolPlan(size=8, num_cpus=1, num_gpus=1, threads=4)
-    assert _pool_plan(16, {"CPU": 32, "GPU": 8}).size == 8
-    assert _pool_plan("auto", {"CPU": 2}) == PoolPlan(size=1, num_cpus=1, num_gpus=0, threads=2)
-    assert _pool_plan("auto", {"CPU": 16}).size == 8
-    assert _pool_plan("auto", {"CPU": 1}).size == 1
+    assert pool_plan(16, {"CPU": 32, "GPU": 8}).size == 8
+    assert pool_plan("auto", {"CPU": 2}) == PoolPlan(size=1, num_cpus=1, num_gpus=0, threads=2)
+    assert pool_plan("auto", {"CPU": 16}).size == 8
+    assert pool_plan("auto", {"CPU": 1}).size == 1
 
 
 @pytest.mark.parametrize("concurrency", [0, -1, "many", True, 1.5])
 def test_bad_concurrency_is_refused(concurrency):
-    with pytest.raises(ValueError, match="concurrency must be a positive integer or"):
-        _pool_plan(concurrency, {"CPU": 4})
+    with pytest.raises(
+        ValueError, match='concurrency must be a positive integer, "auto" or "local"'
+    ):
+        pool_plan(concurrency, {"CPU": 4})

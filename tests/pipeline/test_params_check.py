@@ -156,7 +156,7 @@ def test_an_out_of_range_value_is_named(tmp_path):
         ("preprocess", "rows_per_shard", 0, "rows_per_shard must be >= 1"),
         ("evaluate", "batch_size", 0, "batch_size must be >= 1"),
         ("evaluate", "concurrency", 0, "concurrency must be an integer >= 1"),
-        ("evaluate", "concurrency", "many", 'concurrency must be an integer >= 1 or "auto"'),
+        ("evaluate", "concurrency", "many", 'integer >= 1, "auto" or "local", got \'many\''),
         ("evaluate", "amp", "fp8", "amp must be one of"),
         ("evaluate", "score_threshold", 2.0, "score_threshold must be in"),
         ("register", "min_segm_ap", 1.5, "min_segm_ap must be in"),
@@ -170,8 +170,8 @@ def test_stage_settings_refuse_out_of_range_values_up_front(tmp_path, section, k
         load_params(write(tmp_path, raw))
 
 
-def test_concurrency_is_a_count_or_auto(tmp_path):
-    for value in ("auto", 1, 3):
+def test_concurrency_is_a_count_auto_or_local(tmp_path):
+    for value in ("auto", "local", 1, 3):
         raw = project_params()
         raw["evaluate"]["concurrency"] = value
         assert load_params(write(tmp_path, raw)).settings(EvaluateSettings).concurrency == value

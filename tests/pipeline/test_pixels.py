@@ -18,7 +18,8 @@ from maskrcnn.checkpoints import save_model
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.coco.reader import read_coco
-from pipeline.evaluation.evaluate import READ_COLUMNS, ShardPredictor
+from pipeline.evaluation.inference import ShardPredictor
+from pipeline.inference.shard_scoring import ROW_COLUMNS
 from pipeline.io.images import ImageReadError, decode_chw, decode_rgb
 from pipeline.registry.pyfunc import decode_image
 from pipeline.shards.preprocess import encode_record
@@ -198,4 +199,4 @@ def test_loader_and_evaluation_see_the_same_pixels_for_a_shard_row(
 
 
 def _ray_numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    return {name: table[name].to_numpy(zero_copy_only=False) for name in READ_COLUMNS}
+    return {name: table[name].to_numpy(zero_copy_only=False) for name in ROW_COLUMNS}
