@@ -54,7 +54,7 @@ TINY = {
     },
     "train": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD",
               "batch_per_worker": 2, "steps": STEPS, "warmup_steps": 1, "checkpoint_every": 2,
-              "log_every": LOG_EVERY, "run_name": RUN_NAME},
+              "log_every": LOG_EVERY, "run_name": RUN_NAME, "eval_every": 0, "select": "last"},
     "evaluate": {"num_overlays": 1},
     "register": {"model_name": MODEL_NAME, "min_segm_ap": 0.0},
 }  # fmt: skip
