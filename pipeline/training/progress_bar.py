@@ -127,6 +127,7 @@ class _BarDrawer:
             self.bar = new_bar(
                 self.stream,
                 total=self.steps,
+                initial=state["step"],
                 bar_format="step {n}/{total} |{bar}| {elapsed}{postfix}",
             )
             self.bar.start_t = self.started

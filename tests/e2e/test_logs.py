@@ -166,7 +166,8 @@ def test_output_without_a_terminal(tmp_path: Path) -> None:
         line = rf"preprocess train: {done}/4 images \({done * 25}%\), {rate}"
         assert re.search(line, output), output
     for done in (1, 2):
-        assert re.search(rf"evaluate val: {done}/2 images \({done * 50}%\), {rate}", output)
+        line = rf"evaluate val: {done}/2 images \({done * 50}%\), {rate}"
+        assert re.search(line, output), output
     assert "\r" not in output, output  # no bar
     for step in range(1, STEPS + 1):
         assert f"step {step}/{STEPS} | loss " in output, output
