@@ -153,7 +153,8 @@ def preprocess(data: Path, shards: Path, params: Params, splits=SPLITS) -> float
 
 
 def our_recipe(params: Params, *, workers: int, seed: int, steps: int, root: Path) -> TrainSettings:
-    """params.yaml's train section at ``workers`` workers, the same global batch."""
+    """params.yaml's train section at ``workers`` workers, the same global batch, and no
+    evaluations during training (the plain loop has none: both sides train the whole budget)."""
     base = params.settings(TrainSettings)
     batch = base.global_batch
     if batch % workers:
@@ -168,6 +169,9 @@ def our_recipe(params: Params, *, workers: int, seed: int, steps: int, root: Pat
         seed=seed,
         storage_path=str(root / "ray_results"),
         run_name=f"e2e-seed{seed}",
+        eval_every=0,
+        select="last",
+        patience=0,
     )
 
 
