@@ -11,6 +11,7 @@ index. Image and category ids, the only ids in our outputs, are the user's, unto
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import io
@@ -63,9 +64,20 @@ class CocoScores:
 
 @contextlib.contextmanager
 def _quiet_pycocotools():
+    """pycocotools prints its progress: keep it for the debug log. ``print`` itself is swapped
+    too, because in a Ray Train worker (evaluation during training) it is Ray's, which logs
+    past any redirect of stdout."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        yield
+
+    def to_buffer(*objects: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
+        buffer.write(sep.join(map(str, objects)) + end)
+
+    printing, builtins.print = builtins.print, to_buffer
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        builtins.print = printing
     if buffer.getvalue().strip():
         log.debug("pycocotools:\n%s", buffer.getvalue().rstrip())
 

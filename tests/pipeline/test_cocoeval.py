@@ -114,6 +114,15 @@ def test_ground_truth_as_predictions_scores_one(gt):
         assert np.allclose(scores[iou_type].precision["iou50_95"], 1.0)
 
 
+def test_scoring_prints_nothing_even_where_print_is_replaced(gt, monkeypatch, capsys):
+    """In a Ray Train worker ``print`` is Ray's own, which logs past a stdout redirect: the
+    COCOeval summary of every evaluation during training would flood the training log."""
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *objects, **_: printed.append(objects))
+    score_all(gt, _ground_truth_detections(gt))
+    assert printed == [] and capsys.readouterr().out == ""
+
+
 def test_shifted_boxes_lower_bbox_ap_only(gt):
     # Shifting a box by a fifth of its width gives IoU (1 - 0.2) / (1 + 0.2) = 2/3: a match at the
     # thresholds 0.50..0.65 (4 of 10), a miss from 0.70 up. The masks are untouched.
