@@ -131,7 +131,7 @@ class ImageProgress:
                 desc=self.what,
                 unit=" img",
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} images "
-                "[{elapsed}<{remaining}, {rate_fmt}]",
+                "[{elapsed}<{remaining}, {rate_noinv_fmt}]",
             )
         return self
 
