@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -45,9 +46,16 @@ def main(argv: list[str]) -> None:
         out_dir=params.path(args.out),
         ray_address=params.ray_address,
         tracking_run=run.to_dict(),
+        tracking_step=_model_step(train_dir),
         **settings.to_dict(),
     )
     log.info("bbox AP %.3f, segm AP %.3f", metrics["bbox_AP"], metrics["segm_AP"])
+
+
+def _model_step(train_dir: Path) -> int:
+    """The training step of the model the train stage wrote (the best one's with select: best)."""
+    metrics = json.loads(TRAIN.find(train_dir, TRAIN.metrics).read_text())
+    return int(metrics.get("selected_step", metrics.get("step", 0)))
 
 
 if __name__ == "__main__":

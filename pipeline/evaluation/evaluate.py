@@ -64,12 +64,15 @@ def evaluate(
     amp: str = "none",
     ray_address: str | None = None,
     tracking_run: Mapping[str, str] | None = None,
+    tracking_step: int = 0,
 ) -> dict[str, Any]:
     """Score the model on the split in ``shards_dir``; write the outputs; return the metrics.
 
     ``score_threshold`` drops detections before scoring (0 keeps everything the model returns,
     as COCO AP expects); overlays only draw those above ``overlay_score_threshold``.
     ``tracking_run`` is run.json's content (run_id, tracking_uri); None skips MLflow.
+    ``tracking_step``: the training step of the model scored, where its figures go in the run's
+    metric histories (next to those of the evaluations during training, not at step 0).
     ``concurrency`` is the number of inference actors, or "auto" (``_pool_plan``); ``amp`` the
     autocast dtype of inference on GPUs (the training's ``train.amp``).
     """
@@ -133,7 +136,7 @@ def evaluate(
         threshold=overlay_score_threshold,
     )
     if tracking_run:
-        log_to_run(tracking_run, metrics, out)
+        log_to_run(tracking_run, metrics, out, step=tracking_step)
     return metrics
 
 
@@ -206,7 +209,9 @@ def _write_overlays(
     return written
 
 
-def log_to_run(run: Mapping[str, str], metrics: Mapping[str, Any], out_dir: Path) -> None:
+def log_to_run(
+    run: Mapping[str, str], metrics: Mapping[str, Any], out_dir: Path, *, step: int = 0
+) -> None:
     """Metrics as ``eval/<name>`` (per class: ``eval/<type>_AP/<class>``), files under ``eval/``."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -218,7 +223,7 @@ def log_to_run(run: Mapping[str, str], metrics: Mapping[str, Any], out_dir: Path
         for name, value in per_class.items():
             if value is not None:
                 values[f"eval/{iou_type}_AP/{_metric_name(name)}"] = value
-    batch = [Metric(key, float(value), now, 0) for key, value in values.items()]
+    batch = [Metric(key, float(value), now, step) for key, value in values.items()]
     client.log_batch(run["run_id"], metrics=batch)
     client.log_artifacts(run["run_id"], str(out_dir), artifact_path="eval")
     log.info(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,8 @@ from pipeline.inference.exportable import OUTPUT_NAMES, ExportableMaskRCNN
 OPSET = 18  # torchlib's own opset in torch 2.14: no version conversion after the export
 INPUT_NAME = "images"
 CONFIG_KEY, CATEGORIES_KEY = "maskrcnn_config", "maskrcnn_categories"
+# The exporter's graph passes log one INFO line per deduplicated initializer (screens of them).
+QUIET_LOGGERS = ("onnx_ir", "onnxscript")
 MISSING_EXTRA = "needs the optional extra 'onnx': pip install -e '.[onnx]'"
 
 
@@ -58,6 +61,8 @@ def export_onnx(
     canvas = model.config.canvas
     graph = ExportableMaskRCNN(copy.deepcopy(model).cpu()).eval()
     example = torch.zeros((1, 3, canvas, canvas), dtype=torch.uint8)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     with torch.no_grad(), warnings.catch_warnings():
         # torchvision's nms meta kernel still calls a renamed torch API: noise, not a problem.
         warnings.filterwarnings("ignore", "`create_unbacked_symint` is deprecated", FutureWarning)

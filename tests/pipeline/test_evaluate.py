@@ -85,6 +85,7 @@ def test_evaluate_writes_scores_plots_predictions_overlays_and_logs_them(val):
         overlay_score_threshold=0.0,
         concurrency=2,  # two actors share the two CPUs, one left for reading: no deadlock
         tracking_run={"run_id": run_id, "experiment_id": experiment, "tracking_uri": uri},
+        tracking_step=7,
     )
 
     assert json.loads((out / "metrics.json").read_text()) == metrics
@@ -121,6 +122,8 @@ def test_evaluate_writes_scores_plots_predictions_overlays_and_logs_them(val):
 
     run = client.get_run(run_id)
     assert run.data.metrics["eval/segm_AP"] == pytest.approx(metrics["segm_AP"])
+    # At the scored model's training step, beside the evaluations during training.
+    assert [m.step for m in client.get_metric_history(run_id, "eval/segm_AP")] == [7]
     assert run.data.metrics["eval/num_images"] == 4
     assert any(key.startswith("eval/segm_AP/") for key in run.data.metrics)
     logged = {a.path for a in client.list_artifacts(run_id, "eval")}
