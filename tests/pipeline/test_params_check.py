@@ -46,6 +46,7 @@ CONSUMERS = {
             "out_dir",
             "ray_address",
             "tracking_run",
+            "tracking_step",
         },
     ),
     RegisterSettings: (
