@@ -11,10 +11,8 @@ from pipeline.config.errors import command
 from pipeline.config.params import load_params, setup_logging
 from pipeline.config.settings import EvaluateSettings
 from pipeline.evaluation.evaluate import evaluate
-from pipeline.evaluation.inference import runs_here
 from pipeline.io import storage
 from pipeline.io.outputs import TRAIN
-from pipeline.io.ray_runtime import ensure_ray
 from pipeline.registry.tracking import RunRef, check_server
 
 log = logging.getLogger("stages.evaluate")
@@ -36,8 +34,6 @@ def main(argv: list[str]) -> None:
     run_file = TRAIN.find(train_dir, TRAIN.run)
     run = RunRef.read(run_file)
     check_server(run.tracking_uri, setting=f"tracking_uri in {run_file}")
-    if not runs_here(settings.concurrency, params.ray_address):
-        ensure_ray(params.ray_address, verbose=args.verbose)
     metrics = evaluate(
         model_path=model_path,
         shards_dir=storage.join(params.data_path("shards_dir"), "val"),
@@ -45,6 +41,7 @@ def main(argv: list[str]) -> None:
         images_dir=params.data_path("val_images"),
         out_dir=params.path(args.out),
         ray_address=params.ray_address,
+        verbose=args.verbose,
         tracking_run=run.to_dict(),
         tracking_step=_model_step(train_dir),
         **settings.to_dict(),

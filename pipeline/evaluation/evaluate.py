@@ -63,6 +63,7 @@ def evaluate(
     concurrency: int | str = "auto",
     amp: str = "none",
     ray_address: str | None = None,
+    verbose: bool = False,
     tracking_run: Mapping[str, str] | None = None,
     tracking_step: int = 0,
 ) -> dict[str, Any]:
@@ -74,7 +75,8 @@ def evaluate(
     ``tracking_step``: the training step of the model scored, where its figures go in the run's
     metric histories (next to those of the evaluations during training, not at step 0).
     ``concurrency`` is the number of inference actors, or "auto" (``_pool_plan``); ``amp`` the
-    autocast dtype of inference on GPUs (the training's ``train.amp``).
+    autocast dtype of inference on GPUs (the training's ``train.amp``); ``verbose``: Ray's own
+    console lines, when a Ray runtime is started here for the actor pool.
     """
     config, _ = read_model_info(model_path)
     model_bytes = Path(model_path).read_bytes()  # into the object store below, once
@@ -102,7 +104,7 @@ def evaluate(
     if runs_here(concurrency, ray_address):
         images, results = predict_here(model_bytes=model_bytes, **common)
     else:
-        ensure_ray(ray_address)
+        ensure_ray(ray_address, verbose=verbose)
         plan = pool_plan(concurrency, ray.cluster_resources())
         images, results = predict_on_actors(model=ray.put(model_bytes), plan=plan, **common)
     del model_bytes

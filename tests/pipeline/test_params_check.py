@@ -47,6 +47,7 @@ CONSUMERS = {
             "ray_address",
             "tracking_run",
             "tracking_step",
+            "verbose",
         },
     ),
     RegisterSettings: (
