@@ -43,6 +43,13 @@ def letterbox(image: np.ndarray, canvas: int) -> tuple[np.ndarray, float]:
     return np.asarray(resized), scale
 
 
+def inference_layout(device: torch.device) -> torch.memory_format:
+    """channels_last on CPU, where oneDNN's convolutions then skip a reorder of every feature
+    map (docs/benchmarks.md, "CPU levers"); the default layout elsewhere, where it is not
+    measured."""
+    return torch.channels_last if device.type == "cpu" else torch.preserve_format
+
+
 class Detector:
     """A model in eval mode and its classes: images in, detections in original pixels out.
 
@@ -59,7 +66,7 @@ class Detector:
         mask_threshold: float = 0.5,
     ) -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, memory_format=inference_layout(self.device)).eval()
         self.canvas = model.config.canvas
         self.mask_threshold = mask_threshold
         labels = range(1, model.config.num_classes)

@@ -59,7 +59,8 @@ def export_onnx(
     except ImportError as err:
         raise ValueError(f"ONNX export {MISSING_EXTRA} ({err})") from None
     canvas = model.config.canvas
-    graph = ExportableMaskRCNN(copy.deepcopy(model).cpu()).eval()
+    plain = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
+    graph = ExportableMaskRCNN(plain).eval()
     example = torch.zeros((1, 3, canvas, canvas), dtype=torch.uint8)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,132 @@
+"""CPU levers on our model: the default memory layout against channels_last, in turn.
+
+Two measurements, each alternating the two layouts of one model in one process:
+
+- eval: the model's forward in eval mode on a batch of canvas-sized images (what ``Detector``
+  runs, post-processing on the canvas included, pasting at the original size not);
+- train: one training step (forward, the five losses, backward) on the loader's kind of batch
+  (``bench/model_step.py``'s synthetic one), as one worker of the demo's layout runs it.
+
+With ``--model`` the weights are a trained model's (detections, hence the mask head's work,
+are then realistic); without it the model is params.yaml's, randomly initialised.
+
+    .venv/bin/python bench/cpu_levers.py --model W/seed0/ours/train/model.pt --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import load_average
+from model_step import synthetic_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maskrcnn import MaskRCNN  # noqa: E402
+from maskrcnn.checkpoints import load_model  # noqa: E402
+from pipeline.config.params import load_params, model_config  # noqa: E402
+
+LAYOUTS = {"default": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="a model file (default: params.yaml's, random)")
+    p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (eval)")
+    p.add_argument("--train-threads", type=int, default=1, help="torch threads (train step)")
+    p.add_argument("--eval-batch", type=int, default=8, help="evaluate.batch_size's default")
+    p.add_argument("--train-batch", type=int, default=4, help="train.batch_per_worker's")
+    p.add_argument("--instances", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per round and layout")
+    return p.parse_args(argv)
+
+
+def base_model(args: argparse.Namespace) -> MaskRCNN:
+    if args.model:
+        return load_model(args.model)
+    return MaskRCNN(model_config(load_params(args.params), num_classes=6))
+
+
+def seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: oneDNN primitives, caches
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def alternate(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict:
+    """Each layout's seconds per call, the layouts in turn within every round."""
+    rounds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, fn in calls.items():
+            rounds[name].append(round(seconds_per_call(fn, args.repeats), 4))
+    median = {name: statistics.median(times) for name, times in rounds.items()}
+    return {
+        "seconds_per_call": rounds,
+        "median_s": median,
+        "speedup_channels_last": round(median["default"] / median["channels_last"], 3),
+    }
+
+
+def measure_eval(model: MaskRCNN, args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    canvas = model.config.canvas
+    images = torch.randint(0, 256, (args.eval_batch, 3, canvas, canvas), dtype=torch.uint8)
+    models = {
+        name: copy.deepcopy(model).to(memory_format=layout).eval()
+        for name, layout in LAYOUTS.items()
+    }
+    with torch.inference_mode():
+        return alternate({name: lambda m=m: m(images) for name, m in models.items()}, args)
+
+
+def measure_train(model: MaskRCNN, args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.train_threads)
+    images, targets = synthetic_batch(model.config, args.train_batch, args.instances)
+    models = {
+        name: copy.deepcopy(model).to(memory_format=layout).train()
+        for name, layout in LAYOUTS.items()
+    }
+
+    def step(m: MaskRCNN) -> None:
+        losses = m(images, targets)
+        sum(losses.values()).backward()
+        for p in m.parameters():
+            p.grad = None
+
+    return alternate({name: lambda m=m: step(m) for name, m in models.items()}, args)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    model = base_model(args)
+    report = {
+        "model": str(args.model) if args.model else "params.yaml, random init",
+        "load_average": {"start": load_average()},
+        "eval": {"threads": args.threads, "batch": args.eval_batch, **measure_eval(model, args)},
+        "train": {
+            "threads": args.train_threads,
+            "batch": args.train_batch,
+            **measure_train(model, args),
+        },
+    }
+    report["load_average"]["end"] = load_average()
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
