@@ -7,10 +7,14 @@ Two measurements, each alternating the two layouts of one model in one process:
 - train: one training step (forward, the five losses, backward) on the loader's kind of batch
   (``bench/model_step.py``'s synthetic one), as one worker of the demo's layout runs it.
 
+``--profile`` adds where an eval forward's CPU time goes, for our model and for torchvision's
+``MaskRCNN`` with the same weights (``bench/torchvision_loop.py``): the total and the share of
+the operators that take the most.
+
 With ``--model`` the weights are a trained model's (detections, hence the mask head's work,
 are then realistic); without it the model is params.yaml's, randomly initialised.
 
-    .venv/bin/python bench/cpu_levers.py --model W/seed0/ours/train/model.pt --threads 2
+    .venv/bin/python bench/cpu_levers.py --model W/seed0/ours/train/model.pt --profile
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 import torch
 from common import load_average
 from model_step import synthetic_batch
+from torch.profiler import profile
+from torchvision_loop import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=6)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per round and layout")
+    p.add_argument("--profile", action="store_true", help="also profile an eval forward")
     return p.parse_args(argv)
 
 
@@ -109,6 +116,29 @@ def measure_train(model: MaskRCNN, args: argparse.Namespace) -> dict:
     return alternate({name: lambda m=m: step(m) for name, m in models.items()}, args)
 
 
+def profile_eval(model: MaskRCNN, args: argparse.Namespace, top: int = 8) -> dict:
+    """CPU time of one eval forward (default layout) by operator, ours and torchvision's."""
+    torch.set_num_threads(args.threads)
+    canvas = model.config.canvas
+    images = torch.randint(0, 256, (args.eval_batch, 3, canvas, canvas), dtype=torch.uint8)
+    theirs = build_model(model.config)
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    inputs = {"ours": images, "torchvision": list(images.float() / 255)}
+    report = {}
+    with torch.inference_mode():
+        for name, net in {"ours": model.eval(), "torchvision": theirs.eval()}.items():
+            net(inputs[name])  # warm-up
+            with profile() as prof:
+                net(inputs[name])
+            ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in ops)
+            report[name] = {
+                "cpu_s": round(total / 1e6, 3),
+                "share": {e.key: round(e.self_cpu_time_total / total, 3) for e in ops[:top]},
+            }
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -123,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
             **measure_train(model, args),
         },
     }
+    if args.profile:
+        report["profile_eval"] = profile_eval(model, args)
     report["load_average"]["end"] = load_average()
     print(json.dumps(report, indent=2))
     return report

@@ -43,10 +43,10 @@ def letterbox(image: np.ndarray, canvas: int) -> tuple[np.ndarray, float]:
     return np.asarray(resized), scale
 
 
-def inference_layout(device: torch.device) -> torch.memory_format:
-    """channels_last on CPU, where oneDNN's convolutions then skip a reorder of every feature
-    map (docs/benchmarks.md, "CPU levers"); the default layout elsewhere, where it is not
-    measured."""
+def conv_layout(device: torch.device) -> torch.memory_format:
+    """The model's memory layout: channels_last on CPU, where oneDNN's convolutions then skip
+    a reorder of every feature map (docs/benchmarks.md, "CPU levers"); elsewhere the default,
+    which is not measured against it."""
     return torch.channels_last if device.type == "cpu" else torch.preserve_format
 
 
@@ -66,7 +66,7 @@ class Detector:
         mask_threshold: float = 0.5,
     ) -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device, memory_format=inference_layout(self.device)).eval()
+        self.model = model.to(self.device, memory_format=conv_layout(self.device)).eval()
         self.canvas = model.config.canvas
         self.mask_threshold = mask_threshold
         labels = range(1, model.config.num_classes)

@@ -59,12 +59,15 @@ class RecipeHooks:
         elif path is not None:
             log.warning("checkpoint %s has no %s: the EMA restarts here", checkpoint_dir, EMA_FILE)
 
-    def after_step(self, module: nn.Module, progress: Progress, log_fn: Any) -> bool:
-        """Update the EMA; evaluate when due (rank 0; logged at its step); return whether an
-        evaluation was due at this step (on every rank)."""
-        step, s = progress.step, self.settings
+    def after_step(self, module: nn.Module, progress: Progress) -> None:
+        """Update the EMA of the weights, when there is one."""
         if self.ema is not None:
-            self.ema.update(module, step=step)
+            self.ema.update(module, step=progress.step)
+
+    def evaluate_if_due(self, module: nn.Module, progress: Progress, log_fn: Any) -> bool:
+        """Evaluate when due (rank 0; logged at its step); return whether an evaluation was due
+        at this step (on every rank)."""
+        step, s = progress.step, self.settings
         due = s.eval_every > 0 and (step % s.eval_every == 0 or step == s.steps)
         if not due or self.evaluator is None:
             return due

@@ -31,6 +31,7 @@ from maskrcnn.checkpoints import load_maskrcnn_state, load_torchvision_maskrcnn
 from maskrcnn.config import ModelConfig
 from maskrcnn.model import MaskRCNN
 from pipeline.config.settings import TrainSettings
+from pipeline.inference.detector import conv_layout
 from pipeline.registry.tracking import RunRef, attached_run
 from pipeline.training.batch import prefetch_batches, to_device, unpack_batch
 from pipeline.training.device import configure_device, ddp_kwargs
@@ -125,7 +126,7 @@ class WorkerTrainer:
         self.device, self.drill = device, drill
         configure_device(device, amp=settings.amp)
         seed_everything(settings.seed)  # identical initial weights on every rank
-        self.module = MaskRCNN(model_config).to(self.device)
+        self.module = MaskRCNN(model_config).to(self.device, memory_format=conv_layout(device))
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, settings)
         self.scheduler = make_scheduler(self.optimizer, settings)
@@ -209,7 +210,9 @@ class WorkerTrainer:
                 self._fault("exit", step)
                 if step % s.log_every == 0 or step == s.steps:
                     self._log(self.window.reduce(self.world), log_fn)
-                evaluated = self.hooks.after_step(self.module, self.progress, log_fn)
+                self.hooks.after_step(self.module, self.progress)
+                with self.meter.paused():  # images/s and the ETA are of training
+                    evaluated = self.hooks.evaluate_if_due(self.module, self.progress, log_fn)
                 if step % s.checkpoint_every == 0 or step == s.steps or evaluated:
                     self._check_finite()
                     self._checkpoint()

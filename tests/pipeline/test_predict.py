@@ -191,3 +191,25 @@ def test_overlay_tints_masks_and_leaves_the_rest():
     expected = 0.55 * 200 + 0.45 * np.array(class_colour(2))
     assert np.abs(inside - expected).max() <= 1
     assert (outside == 200).all()
+
+
+def test_the_cpu_layout_changes_no_detection():
+    """Detector runs the model in channels_last on CPU (a speed lever); the detections are
+    those of the default layout, up to float rounding."""
+    torch.manual_seed(0)
+    model = MaskRCNN(tiny_config(score_thresh=0.0)).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = model(images)
+    detector = Detector(model)
+    assert detector.model.backbone.body.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    with torch.inference_mode():
+        got = detector.model(images)
+    for want, have in zip(expected, got, strict=True):
+        assert len(want["scores"]) > 0
+        assert torch.equal(want["labels"], have["labels"])
+        torch.testing.assert_close(have["boxes"], want["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(have["scores"], want["scores"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(have["masks"], want["masks"], atol=1e-4, rtol=0)

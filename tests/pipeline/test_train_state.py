@@ -13,7 +13,7 @@ import torch
 
 from pipeline.io.console import format_duration
 from pipeline.training.metrics_sender import MetricsSender
-from pipeline.training.progress import LOSS_NAMES, LossWindow, progress_line
+from pipeline.training.progress import LOSS_NAMES, LossWindow, ThroughputMeter, progress_line
 from pipeline.training.progress_bar import log_to_files
 from pipeline.training.state import (
     Progress,
@@ -96,6 +96,22 @@ def test_loss_window_averages_over_steps():
     assert means["loss"] == pytest.approx(2.0 * 15)
     window.add({name: torch.tensor(1.0) for name in LOSS_NAMES})
     assert window.reduce(world=1)["loss"] == pytest.approx(5.0)  # a new window
+
+
+def test_evaluation_time_counts_in_neither_the_rate_nor_the_training_seconds():
+    meter = ThroughputMeter()
+    meter.add(images=8, wait_s=0.0)
+    time.sleep(0.05)
+    with meter.paused():  # an evaluation during training
+        time.sleep(0.5)
+    rate, _ = meter.window()
+    overall = meter.overall()
+    assert 0.05 <= overall["train_s"] < 0.3, overall
+    assert rate > 8 / 0.3 and overall["images_per_s"] > 8 / 0.3, (rate, overall)
+    meter.add(images=8, wait_s=0.0)
+    time.sleep(0.05)
+    rate, _ = meter.window()  # a new window: the pause is not subtracted again
+    assert 8 / 0.3 < rate <= 8 / 0.05, rate
 
 
 def test_progress_line_reads_well():
