@@ -87,14 +87,16 @@ def alternate(calls: dict[str, Callable[[], object]], args: argparse.Namespace) 
     }
 
 
+def in_layouts(model: MaskRCNN) -> dict[str, MaskRCNN]:
+    """A copy of ``model`` in each layout."""
+    return {name: copy.deepcopy(model).to(memory_format=f) for name, f in LAYOUTS.items()}
+
+
 def measure_eval(model: MaskRCNN, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     canvas = model.config.canvas
     images = torch.randint(0, 256, (args.eval_batch, 3, canvas, canvas), dtype=torch.uint8)
-    models = {
-        name: copy.deepcopy(model).to(memory_format=layout).eval()
-        for name, layout in LAYOUTS.items()
-    }
+    models = {name: m.eval() for name, m in in_layouts(model).items()}
     with torch.inference_mode():
         return alternate({name: lambda m=m: m(images) for name, m in models.items()}, args)
 
@@ -102,10 +104,7 @@ def measure_eval(model: MaskRCNN, args: argparse.Namespace) -> dict:
 def measure_train(model: MaskRCNN, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.train_threads)
     images, targets = synthetic_batch(model.config, args.train_batch, args.instances)
-    models = {
-        name: copy.deepcopy(model).to(memory_format=layout).train()
-        for name, layout in LAYOUTS.items()
-    }
+    models = {name: m.train() for name, m in in_layouts(model).items()}
 
     def step(m: MaskRCNN) -> None:
         losses = m(images, targets)

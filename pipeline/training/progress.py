@@ -72,8 +72,6 @@ class ThroughputMeter:
     wait_s: float = 0.0
     total_images: int = 0
     total_wait_s: float = 0.0
-    paused_s: float = 0.0
-    window_paused_s: float = 0.0
 
     def add(self, *, images: int, wait_s: float) -> None:
         self.images += images
@@ -84,25 +82,25 @@ class ThroughputMeter:
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Time spent inside (evaluation during training) counts in neither the window nor
-        the whole run."""
+        the whole run: both clocks start that much later."""
         started = time.perf_counter()
         try:
             yield
         finally:
             seconds = time.perf_counter() - started
-            self.paused_s += seconds
-            self.window_paused_s += seconds
+            self.start += seconds
+            self.window_start += seconds
 
     def window(self) -> tuple[float, float]:
         """(images/s, data-wait fraction) since the last call; starts a new window."""
         now = time.perf_counter()
-        elapsed = max(now - self.window_start - self.window_paused_s, 1e-9)
+        elapsed = max(now - self.window_start, 1e-9)
         rate, wait = self.images / elapsed, min(self.wait_s / elapsed, 1.0)
-        self.window_start, self.images, self.wait_s, self.window_paused_s = now, 0, 0.0, 0.0
+        self.window_start, self.images, self.wait_s = now, 0, 0.0
         return rate, wait
 
     def overall(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start - self.paused_s, 1e-9)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {
             "images_per_s": self.total_images / elapsed,
             "data_wait_fraction": min(self.total_wait_s / elapsed, 1.0),
