@@ -7,7 +7,7 @@ import logging
 
 from pipeline.config.errors import command
 from pipeline.config.params import load_params, model_config, setup_logging
-from pipeline.config.settings import TrackingSettings, TrainSettings
+from pipeline.config.settings import PreprocessSettings, TrackingSettings, TrainSettings
 from pipeline.io import storage
 from pipeline.shards.schema import read_manifest
 from pipeline.training.trainer import train
@@ -36,6 +36,7 @@ def main(argv: list[str]) -> None:
         project_root=params.root,
         train_manifest=manifest,
         val_annotations=params.data_path("val_annotations"),  # train.eval_every scores on it
+        train_scales=params.settings(PreprocessSettings).train_scales,  # the shards must match
         verbose=args.verbose,
     )
     log.info("model written to %s (MLflow run %s)", result.model_path, result.run.run_id)

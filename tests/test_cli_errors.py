@@ -73,6 +73,12 @@ CASES = {
         r"error: the Ray cluster at 127\.0\.0\.1:1 does not answer .*ray start --head",
         params={"ray": {"address": UNREACHABLE_RAY}},
     ),
+    "train: shards made for other scales": Case(
+        ["-m", "stages.train", "--params", "{root}/params.yaml", "--out", "{root}/out"],
+        r"error: .*shards/train: shards hold RPN targets for train_scales \[1\.0\], but the "
+        r"training asks for \[1\.0, 0\.5\]: run the preprocess stage",
+        params={"preprocess": {"train_scales": [1.0, 0.5]}},
+    ),
     "evaluate: no model file": Case(
         [
             "-m",

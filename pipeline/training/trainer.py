@@ -16,7 +16,7 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +90,7 @@ def train(
     project_root: Path | None = None,
     train_manifest: Mapping[str, Any] | None = None,
     val_annotations: storage.Location | None = None,
+    train_scales: Sequence[float] | None = None,
     verbose: bool = False,
 ) -> TrainResult:
     """Train ``model_config`` on ``<shards_dir>/train`` and write into ``out_dir`` the files
@@ -101,7 +102,9 @@ def train(
     URIs (s3://, gs://, file://, ...): on a cluster, every node must reach them.
     ``train_manifest``: the train split's manifest, when the caller has read it;
     ``val_annotations``: the val split's annotation file, which evaluations during training
-    (``train.eval_every``) score against, on ``<shards_dir>/val``. Fault drills:
+    (``train.eval_every``) score against, on ``<shards_dir>/val``; ``train_scales``: the
+    scales the params ask for (``preprocess.train_scales``), which the train shards must hold
+    targets for (None: whatever they hold). Fault drills:
     ``MASKRCNN_FAULT`` in the workers' environment (``pipeline.training.faults``).
     ``verbose``: Ray Data's and Ray Train's own INFO lines on the console (``ray_runtime``).
     """
@@ -114,7 +117,7 @@ def train(
         project_root=Path(project_root) if project_root else find_project_root(),
         train_manifest=train_manifest,
     )
-    _check_shards(plan)
+    _check_shards(plan, train_scales=train_scales)
     _warn_about_slow_settings(plan.settings)
     check_server(plan.tracking_uri)  # before Ray starts: an unreachable server fails at once
     ensure_ray(ray_address, verbose=verbose)
@@ -195,10 +198,13 @@ def make_trainer(
         )
 
 
-def _check_shards(plan: RunPlan) -> None:
-    """The train shards were made for this model: its anchors, canvas and class count."""
+def _check_shards(plan: RunPlan, *, train_scales: Sequence[float] | None) -> None:
+    """The train shards were made for this model (its anchors, canvas and class count) and,
+    when given, for these training scales."""
     try:
-        metadata = check_compatible(dict(plan.train_manifest), plan.model_config)
+        metadata = check_compatible(
+            dict(plan.train_manifest), plan.model_config, train_scales=train_scales
+        )
     except ValueError as err:
         raise ValueError(f"{plan.train_dir}: {err}") from None
     classes = len(metadata.get("categories", [])) + 1
