@@ -17,6 +17,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .config import ModelConfig
+from .sync_bn import SyncBatchNorm2d
 
 RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 # Trainable layers counted from the top, as torchvision's ``trainable_backbone_layers``.
@@ -45,6 +46,7 @@ def norm_layer(name: str) -> Callable[[int], nn.Module]:
     layers: dict[str, Callable[[int], nn.Module]] = {
         "frozen_bn": FrozenBatchNorm2d,
         "bn": nn.BatchNorm2d,
+        "syncbn": SyncBatchNorm2d,
         "gn": group_norm,
     }
     return layers[name]

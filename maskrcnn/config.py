@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-NORMS = ("frozen_bn", "bn", "gn")
+NORMS = ("frozen_bn", "bn", "syncbn", "gn")
 
 
 @dataclass(frozen=True, kw_only=True)

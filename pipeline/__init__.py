@@ -1,0 +1,1 @@
+"""The pipeline around the model library: data in, shards, training, evaluation, registry."""

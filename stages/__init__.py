@@ -1,0 +1,1 @@
+"""The DVC stages of dvc.yaml, one command-line module each."""

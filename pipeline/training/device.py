@@ -27,5 +27,6 @@ def configure_device(device: torch.device, *, amp: str) -> None:
 def ddp_kwargs(model_config: ModelConfig) -> dict[str, Any]:
     """DistributedDataParallel options: gradients live in DDP's buckets (no copy per step), and
     buffers are not re-broadcast on every forward when they cannot change (frozen BatchNorm's
-    are constants; trainable BatchNorm's running statistics still need rank 0's copy)."""
+    are constants, synchronised BatchNorm's are the same on every rank by construction; plain
+    trainable BatchNorm's running statistics still need rank 0's copy)."""
     return {"broadcast_buffers": model_config.norm == "bn", "gradient_as_bucket_view": True}
