@@ -47,26 +47,23 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torchvision_loop as tv  # noqa: E402
 from common import load_average, start_local_ray  # noqa: E402
+from e2e_data import make_dataset, preprocess, split_files  # noqa: E402
 from model_step import synthetic_batch  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from maskrcnn.model import MaskRCNN  # noqa: E402
-from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
 from pipeline.config.params import Params, load_params, model_config  # noqa: E402
 from pipeline.config.settings import (  # noqa: E402
     EvaluateSettings,
-    PreprocessSettings,
     TrackingSettings,
     TrainSettings,
 )
 from pipeline.evaluation.evaluate import evaluate  # noqa: E402
 from pipeline.io.ray_runtime import ensure_ray  # noqa: E402
-from pipeline.shards.preprocess import preprocess_split  # noqa: E402
 from pipeline.shards.schema import read_manifest  # noqa: E402
 from pipeline.training.trainer import train  # noqa: E402
 
 log = logging.getLogger("bench.e2e")
-SPLITS = ("train", "val")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,41 +112,6 @@ def start_ray() -> None:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0))
-
-
-def make_dataset(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    summary = write_shapes_dataset(
-        root,
-        n_train=args.train_images,
-        n_val=args.val_images,
-        seed=args.data_seed,
-        min_side=args.min_side,
-        max_side=args.max_side,
-        max_instances=args.max_instances,
-        crowd_fraction=args.crowd_fraction,
-        empty_fraction=args.empty_fraction,
-    )
-    return {split: summary[split] for split in SPLITS}
-
-
-def split_files(data: Path, split: str) -> dict[str, Path]:
-    return {
-        "annotation_file": data / "annotations" / f"instances_{split}.json",
-        "images_dir": data / "images" / split,
-    }
-
-
-def preprocess(data: Path, shards: Path, params: Params, splits=SPLITS) -> float:
-    """The preprocess stage's calls; returns their seconds."""
-    start = time.perf_counter()
-    for split in splits:
-        preprocess_split(
-            **split_files(data, split),
-            out_dir=shards / split,
-            model_config=model_config(params, num_classes=2),  # matching ignores classes
-            **{**params.settings(PreprocessSettings).to_dict(), "progress": False},
-        )
-    return time.perf_counter() - start
 
 
 def our_recipe(params: Params, *, workers: int, seed: int, steps: int, root: Path) -> TrainSettings:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import e2e  # noqa: E402
+import e2e_data  # noqa: E402
 import torchvision_loop as tv  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
@@ -71,13 +72,13 @@ def prepare(args: argparse.Namespace, root: Path, params: Params) -> tuple[Path,
     """(model file, COCO root, val shards): the given ones, the rest made here."""
     data = args.data or root / "data"
     if not args.data:
-        e2e.make_dataset(data, args)
+        e2e_data.make_dataset(data, args)
     shards = args.shards or root / "shards" / "val"
     if not args.shards:
-        e2e.preprocess(data, shards.parent, params, splits=("val",))
+        e2e_data.preprocess(data, shards.parent, params, splits=("val",))
     if args.model:
         return args.model, data, shards
-    e2e.preprocess(data, root / "shards", params, splits=("train",))
+    e2e_data.preprocess(data, root / "shards", params, splits=("train",))
     categories = read_manifest(root / "shards" / "train")["categories"]
     workers = params.settings(e2e.TrainSettings).num_workers
     recipe = e2e.our_recipe(params, workers=workers, seed=0, steps=args.train_steps, root=root)
@@ -124,7 +125,7 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     params = load_params(args.params)
     e2e.start_ray()
     model_path, data, shards = prepare(args, root, params)
-    gt = tv.load_coco(e2e.split_files(data, "val")["annotation_file"])
+    gt = tv.load_coco(e2e_data.split_files(data, "val")["annotation_file"])
     rounds = []
     for index in range(args.repeats):
         out = root / "eval" / f"ours-{index}"
