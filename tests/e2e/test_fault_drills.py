@@ -17,9 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import ray
@@ -135,6 +137,30 @@ def fit(project, storage: Path, run=None, **overrides) -> dict:
         project_root=root,
     )
     return make_trainer(plan=plan, run=run).fit().return_value
+
+
+T = TypeVar("T")
+
+
+def retried_if_ray_failed_alone(attempt: Callable[[Path, Path], T], base: Path) -> T:
+    """``attempt(storage, marker)`` once more, in a fresh directory, if Ray Train failed the run
+    on its own: on a loaded 2-core machine its controller has failed while restarting a worker
+    group (a ``ControllerError``; a drill's exit is a worker error) and a worker group has been
+    lost before the drill fired. Such a run says nothing about the loop; a second such failure
+    fails the test with Ray's error."""
+    for number in (1, 2):
+        storage = base / f"attempt{number}"
+        storage.mkdir()
+        marker = storage / "drill-fired"
+        try:
+            return attempt(storage, marker)
+        except Exception as error:
+            if number == 2 or not (
+                isinstance(error, ray.train.ControllerError) or not marker.exists()
+            ):
+                raise
+            warnings.warn(f"Ray Train failed the run alone; once more: {error!r}", stacklevel=2)
+    raise AssertionError("unreachable")
 
 
 def steps_of(history: list[dict]) -> list[int]:
@@ -317,9 +343,11 @@ def test_a_resumed_run_keeps_the_course_of_an_uninterrupted_one(rank1_killed, ou
 
 
 def test_a_kill_right_after_a_checkpoint_loses_no_step_beyond_it(cluster, project, tmp_path):
-    marker = tmp_path / "killed"
-    with worker_env(cluster, **drill(marker, step=4, rank=0, kind="after_checkpoint")):
-        summary = fit(project, tmp_path, num_workers=1, batch_per_worker=2, run_name="race")
+    def attempt(storage: Path, marker: Path) -> tuple[dict, Path]:
+        with worker_env(cluster, **drill(marker, step=4, rank=0, kind="after_checkpoint")):
+            return fit(project, storage, num_workers=1, batch_per_worker=2, run_name="race"), marker
+
+    summary, marker = retried_if_ray_failed_alone(attempt, tmp_path)
     assert marker.exists(), "the drill did not fire"
     assert summary["resumed_from"] == 4  # the checkpoint just reported, not the one before
     assert steps_of(summary["history"]) == list(range(1, STEPS + 1))
@@ -330,12 +358,15 @@ def test_a_kill_right_after_a_checkpoint_loses_no_step_beyond_it(cluster, projec
 
 @pytest.fixture(scope="module")
 def exhausted(cluster, project, tmp_path_factory) -> tuple[Path, BaseException]:
-    storage = tmp_path_factory.mktemp("exhausted")
-    marker = storage / "killed"
-    env = drill(marker, step=3, rank=0, kind="exit")
-    with worker_env(cluster, **env), pytest.raises(Exception) as failure:
-        fit(project, storage, num_workers=1, max_failures=0, run_name="exhausted")
-    return storage, failure.value
+    def attempt(storage: Path, marker: Path) -> tuple[Path, BaseException]:
+        env = drill(marker, step=3, rank=0, kind="exit")
+        with worker_env(cluster, **env), pytest.raises(Exception) as failure:
+            fit(project, storage, num_workers=1, max_failures=0, run_name="exhausted")
+        if not marker.exists():
+            raise failure.value  # lost before the drill fired
+        return storage, failure.value
+
+    return retried_if_ray_failed_alone(attempt, tmp_path_factory.mktemp("exhausted"))
 
 
 def test_exhausted_failures_stop_with_a_clear_error_and_keep_the_checkpoint(exhausted):

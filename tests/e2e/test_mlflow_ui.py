@@ -294,10 +294,11 @@ def test_the_browser_shows_the_runs_the_loss_chart_the_datasets_and_the_champion
 
 
 def _render_until(url: str, shot: Path, profile: Path, wanted: list[str]) -> str:
-    """The page's DOM once every ``wanted`` text is on it; once more with a longer budget on a
-    slow machine before failing with what the page did show."""
+    """The page's DOM once every ``wanted`` text is on it; again with longer budgets on a slow
+    machine (a loaded one has drawn the sections but not yet their charts) before failing with
+    what the page did show."""
     shown, missing = "", wanted
-    for budget_ms in (15000, 45000):
+    for budget_ms in (15000, 45000, 120000):
         try:
             dom = chromium.render(url, screenshot=shot, profile=profile, budget_ms=budget_ms)
         except TimeoutError as err:
