@@ -88,6 +88,10 @@ def repeat_dataset(
         _repeat_batch,
         batch_size=None,
         batch_format="pyarrow",
+        # No CPU of its own (an Arrow take per block): the map runs every epoch while the
+        # training workers hold the CPUs, and with one worker per CPU (the demo's layout) a
+        # task that asked for a CPU would wait for one forever.
+        num_cpus=0,
         fn_args=(config, dataset.context),
         fn_kwargs={"factors": factors, "seed": seed},
     )

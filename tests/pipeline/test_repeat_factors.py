@@ -4,6 +4,7 @@ its factor says, the draws are fresh each epoch, and the Ray Data stream repeats
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 
 import numpy as np
@@ -122,6 +123,28 @@ def test_ray_data_repeats_by_factor_with_new_draws_each_epoch(ray_runtime):
     # 60 rare-image draws in all, expected 84.9, sd 3.8: a broken repetition (never or
     # always a second copy: 60 or 120) is far outside.
     assert abs(sum(rare) - 60 * math.sqrt(2)) < 20, rare
+
+
+def test_the_repeat_runs_while_training_workers_hold_every_cpu(ray_runtime):
+    """The demo's layout: one training worker per CPU, and each epoch's repeat map runs then."""
+    table = _split()
+    source = ray.data.from_arrow(table).materialize()
+    dataset = repeat_dataset(source, _manifest(table), threshold=THRESHOLD, seed=3)
+
+    @ray.remote(num_cpus=1)
+    class Worker:  # defined here: Ray ships it by value (the test module is not importable)
+        def ready(self) -> bool:
+            return True
+
+    held = [Worker.remote() for _ in range(2)]
+    ray.get([h.ready.remote() for h in held])
+    rows: list[int] = []
+    reader = threading.Thread(target=lambda: rows.append(len(dataset.take_all())), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    for holder in held:
+        ray.kill(holder)
+    assert rows and rows[0] >= table.num_rows, "the repeat map waited for a free CPU"
 
 
 def test_old_shards_without_label_counts_are_a_clear_error(ray_runtime):
