@@ -59,10 +59,19 @@ def cluster() -> Iterator[Cluster]:
         initialize_head=True,
         head_node_args={"num_cpus": 2, "include_dashboard": False},
     )
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env=own_cluster(cluster))
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def own_cluster(cluster: Cluster, **env: str) -> dict:
+    """The job's runtime environment with ``RAY_ADDRESS`` set to this cluster. Ray Train's
+    placement-group cleaner finds "its" cluster by itself, and with several clusters on the
+    machine (the other test process's) it has asked another one, found no controller there
+    and removed a live run's placement group ("Destroying worker since its placement group was
+    removed"). With the address it asks this cluster, which serves no state API: it stops."""
+    return {"env_vars": {"RAY_ADDRESS": cluster.address, **env}}
 
 
 @contextlib.contextmanager
@@ -70,12 +79,12 @@ def worker_env(cluster: Cluster, **env: str) -> Iterator[None]:
     """This driver reconnected with ``env`` in the job's runtime environment, which Ray
     Train's controller and workers inherit; reconnected without it afterwards."""
     ray.shutdown()
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env=own_cluster(cluster, **env))
     try:
         yield
     finally:
         ray.shutdown()
-        ray.init(address=cluster.address, log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env=own_cluster(cluster))
 
 
 def drill(marker: Path, *, step: int, rank: int, kind: str) -> dict[str, str]:
