@@ -23,3 +23,15 @@ def check_reachable(host: str, port: int, *, service: str, fix: str) -> None:
     except OSError as err:
         why = err.strerror or str(err) or type(err).__name__
         raise Unreachable(f"{service} at {host}:{port} does not answer ({why}): {fix}") from None
+
+
+def free_port(preferred: int | None = None) -> int:
+    """``preferred`` if nothing listens there on this machine, else a port the OS has free."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise AssertionError("the OS had no free port")

@@ -20,7 +20,7 @@ import ray
 from ray.data import DataContext
 from ray.train.v2._internal.execution import context as train_context  # a private module
 
-from pipeline.io.network import check_reachable
+from pipeline.io.network import check_reachable, free_port
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 SETUP_HOOK = f"{__name__}.quiet_worker_logs"
 # "1": verbose without the flag (it reaches the stages that `dvc repro` runs).
 VERBOSE_ENV = "MASKRCNN_VERBOSE"
+# Ray's own default; a local Ray takes another free port when something listens there.
+DASHBOARD_PORT = 8265
+# Where Ray's state API clients (Ray Train's placement-group cleaner among them) look first.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def ensure_ray(
@@ -39,10 +43,15 @@ def ensure_ray(
     ``num_cpus`` only applies to a local Ray started here. A plain ``ray.init()`` would attach to
     any cluster already running on this machine; ``address="local"`` always starts our own. It
     runs the dashboard: users watch jobs there, and Ray Train's placement-group cleaner polls the
-    state API that the dashboard serves (without it, it warns every second). ``verbose`` False
-    quiets Ray's console output (the module docstring) in the driver and, through
-    ``SETUP_HOOK``, in every worker process; a stage that passes its ``--verbose`` here first
-    decides for the later calls (which return at once).
+    state API that the dashboard serves. ``verbose`` False quiets Ray's console output (the
+    module docstring) in the driver and, through ``SETUP_HOOK``, in every worker process; a
+    stage that passes its ``--verbose`` here first decides for the later calls (which return at
+    once).
+
+    The job's workers are told which cluster is theirs (``_runtime_env``): Ray Train's cleaner
+    finds "its" state API by itself (``RAY_ADDRESS``, else the last ``ray start`` recorded in
+    /tmp/ray, else port 8265), and when that is another cluster's dashboard it hears "no such
+    controller" and removes the live run's placement group, killing its workers.
     """
     if ray.is_initialized():
         return
@@ -54,14 +63,17 @@ def ensure_ray(
     if address:
         _check_address(address)
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env(verbose))
+        own = {"RAY_ADDRESS": address} if ":" in address and "://" not in address else {}
+        ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env(verbose, own))
     else:
+        port = free_port(DASHBOARD_PORT)
         context = ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
+            dashboard_port=port,
             log_to_driver=True,
-            runtime_env=_runtime_env(verbose),
+            runtime_env=_runtime_env(verbose, {API_SERVER_ENV: f"http://127.0.0.1:{port}"}),
         )
         log.info("started a local Ray runtime; dashboard: http://%s", context.dashboard_url)
 
@@ -71,9 +83,11 @@ def verbose_requested(flag: bool) -> bool:
     return flag or os.environ.get(VERBOSE_ENV) == "1"
 
 
-def _runtime_env(verbose: bool) -> dict[str, Any] | None:
-    """The job's runtime environment: the quieting hook unless ``verbose``."""
-    return None if verbose else {"worker_process_setup_hook": SETUP_HOOK}
+def _runtime_env(verbose: bool, env_vars: dict[str, str]) -> dict[str, Any]:
+    """The job's runtime environment: ``env_vars`` in every worker, and the quieting hook unless
+    ``verbose``."""
+    hook = {} if verbose else {"worker_process_setup_hook": SETUP_HOOK}
+    return {"env_vars": env_vars, **hook}
 
 
 def quiet_data_context(context: DataContext) -> None:

@@ -57,7 +57,8 @@ MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEO
 def cluster() -> Iterator[Cluster]:
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "include_dashboard": False},
+        # No dashboard, and not Ray's default port for the one it does not run (own_cluster).
+        head_node_args={"num_cpus": 2, "include_dashboard": False, "dashboard_port": free_port()},
     )
     ray.init(address=cluster.address, log_to_driver=False, runtime_env=own_cluster(cluster))
     yield cluster
@@ -67,10 +68,12 @@ def cluster() -> Iterator[Cluster]:
 
 def own_cluster(cluster: Cluster, **env: str) -> dict:
     """The job's runtime environment with ``RAY_ADDRESS`` set to this cluster. Ray Train's
-    placement-group cleaner finds "its" cluster by itself, and with several clusters on the
-    machine (the other test process's) it has asked another one, found no controller there
-    and removed a live run's placement group ("Destroying worker since its placement group was
-    removed"). With the address it asks this cluster, which serves no state API: it stops."""
+    placement-group cleaner finds "its" state API by itself (``pipeline.io.ray_runtime``). A
+    cluster without a dashboard still records Ray's default port as its dashboard's, and when
+    the other test process's Ray later serves a dashboard there, the cleaner heard "no such
+    controller" from it and removed a live run's placement group ("Destroying worker since its
+    placement group was removed"). With this address and a port of its own, it finds no state
+    API, and stops."""
     return {"env_vars": {"RAY_ADDRESS": cluster.address, **env}}
 
 
