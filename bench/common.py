@@ -25,9 +25,11 @@ def add_shapes_args(parser: argparse.ArgumentParser, *, images: int, canvas: int
     parser.add_argument("--max-side", type=int, default=512)
 
 
-def run_json_child(command: list[str], env: dict[str, str] | None = None) -> dict:
+def run_json_child(
+    command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> dict:
     """Run ``command`` to completion and parse the JSON on the last line of its stdout."""
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
     if done.returncode:
         raise RuntimeError(f"{command[1:3]} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -50,7 +50,7 @@ from common import load_average, start_local_ray  # noqa: E402
 from e2e_data import make_dataset, preprocess, split_files  # noqa: E402
 from model_step import synthetic_batch  # noqa: E402
 
-from maskrcnn.config import ModelConfig  # noqa: E402
+from maskrcnn.config import NORMS, ModelConfig  # noqa: E402
 from maskrcnn.model import MaskRCNN  # noqa: E402
 from pipeline.config.params import Params, load_params, model_config  # noqa: E402
 from pipeline.config.settings import (  # noqa: E402
@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crowd-fraction", type=float, default=0.15)
     p.add_argument("--empty-fraction", type=float, default=0.03)
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    p.add_argument("--norm", choices=NORMS, help="model.norm for both sides (default: params')")
     p.add_argument("--keep", type=Path, help="work here and keep it (default: a temporary dir)")
     return p.parse_args(argv)
 
@@ -296,6 +297,7 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     preprocess_s = preprocess(data, shards, params)
     categories = read_manifest(shards / "train")["categories"]
     config = model_config(params, num_classes=len(categories) + 1)
+    config = replace(config, norm=args.norm or config.norm)
     gt = tv.load_coco(split_files(data, "val")["annotation_file"])
     pace, runs = 0.0, []
     for seed in args.seeds:

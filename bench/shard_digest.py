@@ -55,7 +55,8 @@ def child(args: argparse.Namespace) -> dict:
     preprocess_split = module.preprocess_split
     data, out = Path(args.data), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    # The Ray workers must import the same tree as this process (they would get the checkout's).
+    # The Ray workers must import the same tree as this process. Ray puts the driver's current
+    # directory first on their path, so the parent runs this child inside the tree.
     tree = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}}
     start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=tree)
     try:
@@ -111,7 +112,8 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(tree)}
             flags = ["--data", str(data), "--out", str(out), "--canvas", str(args.canvas)]
             flags += ["--rows-per-shard", str(args.rows_per_shard)]
-            per_commit[commit] = run_json_child([sys.executable, __file__, "--child", *flags], env)
+            command = [sys.executable, str(Path(__file__).resolve()), "--child", *flags]
+            per_commit[commit] = run_json_child(command, env, cwd=tree)
     first, *others = (run["digests"] for run in per_commit.values())
     result = {
         "images": args.images,

@@ -173,9 +173,8 @@ def _paste_image(
     """
     decoded = decode_chw(data)
     if size is not None and tuple(decoded.shape[1:]) != size:
-        # Channels-last, as the decoder lays pixels out: no copy, and torch's fast uint8 path.
-        batch = decoded.unsqueeze(0).contiguous(memory_format=torch.channels_last)
-        decoded = resize(batch, list(size), antialias=True)[0]
+        # Channels-last as decoded (no copy), torch's fast uint8 path: the same pixels.
+        decoded = resize(decoded[None].contiguous(memory_format=torch.channels_last), list(size))[0]
     pixels = decoded.numpy()
     height, width = pixels.shape[1:]
     if height > canvas_image.shape[1] or width > canvas_image.shape[2]:
