@@ -59,7 +59,7 @@ from pipeline.config.settings import (  # noqa: E402
     TrainSettings,
 )
 from pipeline.evaluation.evaluate import evaluate  # noqa: E402
-from pipeline.io.ray_runtime import ensure_ray  # noqa: E402
+from pipeline.io.ray_runtime import ensure_ray, local_dashboard  # noqa: E402
 from pipeline.shards.schema import read_manifest  # noqa: E402
 from pipeline.training.trainer import train  # noqa: E402
 
@@ -107,7 +107,9 @@ def json_stdout() -> Iterator[Any]:
 def start_ray() -> None:
     """The local Ray that ``ensure_ray`` starts, tried again if it is slow to come up."""
     if not ray.is_initialized():
-        start_local_ray(include_dashboard=True, log_to_driver=True)
+        port, own = local_dashboard()
+        start_local_ray(include_dashboard=True, dashboard_port=port, log_to_driver=True,
+                        runtime_env={"env_vars": own})  # fmt: skip
     ensure_ray(None)
 
 

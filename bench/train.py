@@ -47,7 +47,7 @@ from maskrcnn.model import MaskRCNN  # noqa: E402
 from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
 from pipeline.config.params import load_params, model_config  # noqa: E402
 from pipeline.config.settings import TrackingSettings, TrainSettings  # noqa: E402
-from pipeline.io.ray_runtime import ensure_ray  # noqa: E402
+from pipeline.io.ray_runtime import ensure_ray, local_dashboard  # noqa: E402
 from pipeline.shards.preprocess import preprocess_split  # noqa: E402
 from pipeline.shards.schema import read_manifest  # noqa: E402
 from pipeline.training.trainer import train  # noqa: E402
@@ -280,7 +280,9 @@ def prepare_data(args: argparse.Namespace, params, root: Path) -> ModelConfig:
     write_shapes_dataset(
         data, n_train=args.images, n_val=1, seed=0, min_side=args.min_side, max_side=args.max_side
     )
-    start_local_ray(include_dashboard=True, log_to_driver=True)  # as ensure_ray, retried
+    port, own = local_dashboard()  # as ensure_ray starts it, retried
+    start_local_ray(include_dashboard=True, dashboard_port=port, log_to_driver=True,
+                    runtime_env={"env_vars": own})  # fmt: skip
     ensure_ray(None)
     preprocess_split(
         annotation_file=data / "annotations" / "instances_train.json",

@@ -285,7 +285,7 @@ class TrainSettings(Section):
     # fault tolerance
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    max_failures: int = 2
+    max_failures: int = 2  # restarts after a worker failure, or a worker group start time-out
     storage_path: str = "ray_results"
     run_name: str = "maskrcnn"
     # logging

@@ -66,16 +66,23 @@ def ensure_ray(
         own = {"RAY_ADDRESS": address} if ":" in address and "://" not in address else {}
         ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env(verbose, own))
     else:
-        port = free_port(DASHBOARD_PORT)
+        port, own = local_dashboard()
         context = ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_port=port,
             log_to_driver=True,
-            runtime_env=_runtime_env(verbose, {API_SERVER_ENV: f"http://127.0.0.1:{port}"}),
+            runtime_env=_runtime_env(verbose, own),
         )
         log.info("started a local Ray runtime; dashboard: http://%s", context.dashboard_url)
+
+
+def local_dashboard() -> tuple[int, dict[str, str]]:
+    """A port for a local Ray's dashboard (``DASHBOARD_PORT`` when free), and the environment
+    variable that sends its job's state API clients there (``ensure_ray``'s docstring)."""
+    port = free_port(DASHBOARD_PORT)
+    return port, {API_SERVER_ENV: f"http://127.0.0.1:{port}"}
 
 
 def verbose_requested(flag: bool) -> bool:

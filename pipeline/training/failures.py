@@ -14,8 +14,10 @@ import re
 import time
 from typing import Any
 
-from ray.train import UserCallback
+from ray.train import ControllerError, UserCallback
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # private module
 
+from pipeline.config.errors import UserError
 from pipeline.io import storage
 
 log = logging.getLogger(__name__)
@@ -104,3 +106,19 @@ def reason_of(error: BaseException) -> str:
         return f"the worker process died ({detail.group(1).strip()})"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:200] if lines else type(error).__name__
+
+
+def start_failure(error: BaseException, *, num_workers: int, run_dir: str) -> UserError | None:
+    """Ray Train's "the worker group did not start in time", ``train.max_failures`` + 1 times
+    over, as the user's problem it is: the cluster lacks what the workers ask for (a node lost
+    mid-run, or never there). None for any other error."""
+    if not isinstance(error, ControllerError) or not isinstance(
+        error.controller_failure, WorkerGroupStartupTimeoutError
+    ):
+        return None
+    return UserError(
+        f"Ray could not start the {num_workers} training workers in time, as often as "
+        "train.max_failures allows: the cluster lacks the CPUs/GPUs they ask for (a node lost? "
+        "`ray status` shows what is left). Once it has them, rerun with the same run name: "
+        f"training resumes from the last checkpoint in {run_dir}"
+    )

@@ -53,7 +53,7 @@ from pipeline.registry.tracking import (
     log_params,
 )
 from pipeline.shards.schema import check_compatible
-from pipeline.training.failures import FailureSummary
+from pipeline.training.failures import FailureSummary, start_failure
 from pipeline.training.loader import ray_dataset
 from pipeline.training.loop import train_loop_per_worker
 from pipeline.training.progress import LOSS_NAMES
@@ -187,7 +187,11 @@ def make_trainer(
             run_config=RunConfig(
                 name=plan.name,
                 storage_path=settings.storage_path,
-                failure_config=FailureConfig(max_failures=settings.max_failures),
+                # A worker group that cannot start (a node lost) stops as a worker does.
+                failure_config=FailureConfig(
+                    max_failures=settings.max_failures,
+                    controller_failure_limit=settings.max_failures,
+                ),
                 checkpoint_config=checkpoint_config(settings),
                 logging_config=LoggingConfig(log_level="INFO" if verbose else "ERROR"),
                 callbacks=[
@@ -273,8 +277,11 @@ def _fit(
     try:
         result = trainer.fit()
         selected = select_checkpoint(result, settings, where=where)
-    except Exception:
+    except Exception as error:
         end_run(run, status="FAILED")
+        explained = start_failure(error, num_workers=settings.num_workers, run_dir=where)
+        if explained:
+            raise explained from error
         raise
     except BaseException:
         end_run(run, status="KILLED")

@@ -96,8 +96,12 @@ def drill(marker: Path, *, step: int, rank: int, kind: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def project(cluster, tmp_path_factory):
-    """Train shards of four synthetic images and a tiny model (as in test_training.py)."""
-    root = tmp_path_factory.mktemp("drills")
+    return make_project(tmp_path_factory.mktemp("drills"))
+
+
+def make_project(root: Path) -> tuple[Path, Path, ModelConfig]:
+    """Train shards of four synthetic images and a tiny model (as in test_training.py), on the
+    Ray runtime this process is connected to."""
     data = root / "shapes"
     write_shapes_dataset(data, n_train=4, n_val=1, seed=0, min_side=48, max_side=64)
     config = ModelConfig(
@@ -189,6 +193,13 @@ def checkpoints(storage: Path, run_name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mlflow_server(sandbox: Path) -> Iterator[str]:
+    with served_mlflow(sandbox) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def served_mlflow(sandbox: Path) -> Iterator[str]:
+    """An MLflow server on SQLite under ``sandbox``; its URL."""
     port = free_port()
     log = (sandbox / "mlflow.log").open("w")
     server = subprocess.Popen(
