@@ -2,8 +2,10 @@
 
 With 2 workers of 4 images, plain BatchNorm normalises over 4 images while a one-process loop
 of batch 8 normalises over 8; detectron2 trains such models with synchronised BN for this
-reason. torch's ``SyncBatchNorm`` refuses CPU tensors, so on CPU (gloo) the per-channel sums,
-sums of squares and the sample count are all-reduced here instead: one collective per layer.
+reason. torch's ``SyncBatchNorm`` refuses CPU tensors, and DDP refuses a CPU model holding one,
+so the layer is a ``BatchNorm2d`` that runs torch's synchronised forward where torch supports
+the device, and elsewhere (CPU, gloo) all-reduces the per-channel sums, sums of squares and the
+sample count itself: one collective per layer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm  # plain BatchNorm: the path without a sync
 
 
 def _torch_syncs(device: torch.device) -> bool:
@@ -37,18 +38,23 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-class SyncBatchNorm2d(nn.SyncBatchNorm):
-    """torch's ``SyncBatchNorm`` where it supports the device, an all-reduce of the batch
-    statistics elsewhere; plain BatchNorm in eval and outside a process group of two or more.
-    Its parameters and buffers are BatchNorm2d's, so its checkpoints load into a ``bn`` model."""
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """torch's ``SyncBatchNorm`` forward where it supports the device, an all-reduce of the
+    batch statistics elsewhere; plain BatchNorm in eval and outside a process group of two or
+    more. Its parameters and buffers are BatchNorm2d's, so its checkpoints load into a ``bn``
+    model."""
+
+    process_group: dist.ProcessGroup | None = None  # None: the whole world, as torch's
+    # what torch's forward, borrowed below, asks of its layer beyond BatchNorm2d's
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, x: Tensor) -> Tensor:
         if _torch_syncs(x.device):
-            return super().forward(x)
+            return nn.SyncBatchNorm.forward(self, x)  # type: ignore[arg-type]
         group = self.process_group or dist.group.WORLD
         syncing = self.training and dist.is_available() and dist.is_initialized()
         if not syncing or dist.get_world_size(group) < 2:
-            return _BatchNorm.forward(self, x)
+            return super().forward(x)
         return self._all_reduced(x, group)
 
     def _all_reduced(self, x: Tensor, group: dist.ProcessGroup) -> Tensor:

@@ -1,5 +1,6 @@
-"""``norm: syncbn`` on CPU: two gloo processes of half a batch each normalise, update their
-running statistics and back-propagate exactly as one BatchNorm2d over the whole batch."""
+"""``norm: syncbn`` on CPU: two gloo processes of half a batch each, the layer inside DDP as the
+training workers wrap the model, normalise, update their running statistics and
+back-propagate exactly as one BatchNorm2d over the whole batch."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
     x, grad = batch()
     half = slice(2 * rank, 2 * rank + 2)
     mine = x[half].clone().to(memory_format=torch.channels_last).requires_grad_(True)
-    out = bn(mine)
+    out = nn.parallel.DistributedDataParallel(bn)(mine)  # DDP refuses torch's own on CPU
     out.backward(grad[half])
     torch.save(
         {
@@ -73,7 +74,7 @@ def test_two_halves_match_one_batchnorm_over_the_whole_batch(ranks):
     torch.testing.assert_close(
         torch.cat([r["input_grad"] for r in ranks]), x.grad, atol=1e-5, rtol=1e-5
     )
-    # Each rank holds its own half's share of the parameter gradient; DDP sums them (and /2).
+    # DDP averages the halves' shares of the parameter gradient: each rank holds half the sum.
     torch.testing.assert_close(ranks[0]["weight_grad"] + ranks[1]["weight_grad"], bn.weight.grad)
     for r in ranks:
         torch.testing.assert_close(r["running_mean"], bn.running_mean)
