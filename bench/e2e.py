@@ -38,7 +38,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torchvision_loop as tv  # noqa: E402
-from common import load_average, start_local_ray  # noqa: E402
-from e2e_data import make_dataset, preprocess, split_files  # noqa: E402
+from common import load_average  # noqa: E402
+from e2e_data import make_dataset, preprocess, split_files, start_ray  # noqa: E402
 from model_step import synthetic_batch  # noqa: E402
 
 from maskrcnn.config import NORMS, ModelConfig  # noqa: E402
@@ -59,7 +58,6 @@ from pipeline.config.settings import (  # noqa: E402
     TrainSettings,
 )
 from pipeline.evaluation.evaluate import evaluate  # noqa: E402
-from pipeline.io.ray_runtime import ensure_ray, local_dashboard  # noqa: E402
 from pipeline.shards.schema import read_manifest  # noqa: E402
 from pipeline.training.trainer import train  # noqa: E402
 
@@ -104,15 +102,6 @@ def json_stdout() -> Iterator[Any]:
         os.close(saved)
 
 
-def start_ray() -> None:
-    """The local Ray that ``ensure_ray`` starts, tried again if it is slow to come up."""
-    if not ray.is_initialized():
-        port, own = local_dashboard()
-        start_local_ray(include_dashboard=True, dashboard_port=port, log_to_driver=True,
-                        runtime_env={"env_vars": own})  # fmt: skip
-    ensure_ray(None)
-
-
 def cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -129,7 +118,7 @@ def our_recipe(params: Params, *, workers: int, seed: int, steps: int, root: Pat
         num_workers=workers,
         batch_per_worker=batch // workers,
         grad_accum=1,
-        cpus_per_worker=cores() / workers,
+        cpus_per_worker=None,  # the machine's CPUs shared out, as the train stage does
         steps=steps,
         seed=seed,
         storage_path=str(root / "ray_results"),

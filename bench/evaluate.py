@@ -123,7 +123,7 @@ def summary(rounds: list[dict[str, Any]], side: str) -> dict[str, Any]:
 
 def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     params = load_params(args.params)
-    e2e.start_ray()
+    e2e_data.start_ray()
     model_path, data, shards = prepare(args, root, params)
     gt = tv.load_coco(e2e_data.split_files(data, "val")["annotation_file"])
     rounds = []

@@ -24,13 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import load_average  # noqa: E402
+from e2e import our_recipe  # noqa: E402
+from e2e_data import demo_shards  # noqa: E402
 
-from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
-from pipeline.config.params import load_params, model_config  # noqa: E402
-from pipeline.config.settings import TrackingSettings, TrainSettings  # noqa: E402
+from pipeline.config.params import load_params  # noqa: E402
+from pipeline.config.settings import TrackingSettings  # noqa: E402
 from pipeline.io.ray_runtime import ensure_ray  # noqa: E402
-from pipeline.shards.preprocess import preprocess_split  # noqa: E402
-from pipeline.shards.schema import read_manifest  # noqa: E402
 from pipeline.training.trainer import train  # noqa: E402
 
 KEPT = ("images_per_s", "data_wait_fraction", "train_s")
@@ -46,37 +45,18 @@ def main() -> None:
     load_start = load_average()
     cores = len(os.sched_getaffinity(0))
     params = load_params(args.params)
-    base = params.settings(TrainSettings)
-    layouts = {f"1x{cores}": (1, float(cores)), f"{cores}x1": (cores, 1.0)}
+    layouts = {f"1x{cores}": 1, f"{cores}x1": cores}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data, shards = root / "data", root / "shards"
-        write_shapes_dataset(data, n_train=args.images, n_val=1, seed=3, min_side=160, max_side=320)
         ensure_ray(None)
-        preprocess_split(
-            annotation_file=data / "annotations" / "instances_train.json",
-            images_dir=data / "images" / "train",
-            out_dir=shards / "train",
-            model_config=model_config(params, num_classes=2),
-            progress=False,
-        )
-        classes = len(read_manifest(shards / "train")["categories"]) + 1
-        config = model_config(params, num_classes=classes)
+        shards, config = demo_shards(root, params, images=args.images)
         for number in range(args.rounds):
-            for name, (workers, cpus) in layouts.items():
+            for name, workers in layouts.items():
+                # Each run its own name, so that no round resumes another's checkpoint.
                 settings = replace(
-                    base,
-                    num_workers=workers,
-                    batch_per_worker=base.global_batch // workers,
-                    grad_accum=1,
-                    cpus_per_worker=cpus,
-                    steps=args.steps,
-                    eval_every=0,
-                    select="last",
-                    patience=0,
+                    our_recipe(params, workers=workers, seed=0, steps=args.steps, root=root),
                     checkpoint_every=args.steps,
-                    storage_path=str(root / "ray_results"),
                     run_name=f"{name}-{number}",
                 )
                 result = train(
@@ -95,7 +75,7 @@ def main() -> None:
     }
     one, many = layouts
     report = {
-        "global_batch": base.global_batch,
+        "global_batch": settings.global_batch,
         "steps": args.steps,
         "runs": runs,
         "median_images_per_s": median,

@@ -41,15 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import load_average, start_local_ray  # noqa: E402
+from e2e_data import demo_shards  # noqa: E402
 
 from maskrcnn.config import ModelConfig  # noqa: E402
 from maskrcnn.model import MaskRCNN  # noqa: E402
-from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
-from pipeline.config.params import load_params, model_config  # noqa: E402
+from pipeline.config.params import load_params  # noqa: E402
 from pipeline.config.settings import TrainSettings  # noqa: E402
 from pipeline.io.network import free_port  # noqa: E402
-from pipeline.shards.preprocess import preprocess_split  # noqa: E402
-from pipeline.shards.schema import read_manifest  # noqa: E402
 from pipeline.training.batch import mask_crop_size  # noqa: E402
 from pipeline.training.loader import iter_batches  # noqa: E402
 from pipeline.training.schedule import make_optimizer  # noqa: E402
@@ -66,24 +64,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="runs of each layout, in turn")
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     return p.parse_args()
-
-
-def build_shards(root: Path, params_path: Path, images: int) -> tuple[Path, dict]:
-    """The demo's kind of data (shapes, 160-320 px) preprocessed for params.yaml's model."""
-    params = load_params(params_path)
-    write_shapes_dataset(root, n_train=images, n_val=1, seed=3, min_side=160, max_side=320)
-    config = model_config(params, num_classes=2)
-    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    out = root / "shards" / "train"
-    preprocess_split(
-        annotation_file=root / "annotations" / "instances_train.json",
-        images_dir=root / "images" / "train",
-        out_dir=out,
-        model_config=config,
-        progress=False,
-    )
-    classes = len(read_manifest(out)["categories"]) + 1
-    return out, model_config(params, num_classes=classes).to_dict()
 
 
 def worker(rank: int, world: int, threads: int, port: int, job: dict, out: dict) -> None:
@@ -155,11 +135,12 @@ def main() -> None:
     load_start = load_average()
     settings = load_params(args.params).settings(TrainSettings)
     with tempfile.TemporaryDirectory() as tmp:
-        shards, config = build_shards(Path(tmp), args.params, args.images)
+        start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        shards, config = demo_shards(Path(tmp), load_params(args.params), images=args.images)
         ray.shutdown()  # only preprocess needed it: the layouts have the cores to themselves
         job = {
-            "config": config,
-            "shards": str(shards),
+            "config": config.to_dict(),
+            "shards": str(shards / "train"),
             "global_batch": settings.global_batch,
             "settings": settings.to_dict(),
             "warmup": args.warmup,

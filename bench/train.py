@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import load_average, start_local_ray  # noqa: E402
+from common import load_average  # noqa: E402
+from e2e_data import start_ray  # noqa: E402
 from loader import resize_to_canvas, torchvision_style_sample  # noqa: E402
 from model_step import synthetic_batch, torchvision_twin  # noqa: E402
 
@@ -47,7 +48,6 @@ from maskrcnn.model import MaskRCNN  # noqa: E402
 from pipeline.coco.shapes import write_shapes_dataset  # noqa: E402
 from pipeline.config.params import load_params, model_config  # noqa: E402
 from pipeline.config.settings import TrackingSettings, TrainSettings  # noqa: E402
-from pipeline.io.ray_runtime import ensure_ray, local_dashboard  # noqa: E402
 from pipeline.shards.preprocess import preprocess_split  # noqa: E402
 from pipeline.shards.schema import read_manifest  # noqa: E402
 from pipeline.training.trainer import train  # noqa: E402
@@ -280,10 +280,7 @@ def prepare_data(args: argparse.Namespace, params, root: Path) -> ModelConfig:
     write_shapes_dataset(
         data, n_train=args.images, n_val=1, seed=0, min_side=args.min_side, max_side=args.max_side
     )
-    port, own = local_dashboard()  # as ensure_ray starts it, retried
-    start_local_ray(include_dashboard=True, dashboard_port=port, log_to_driver=True,
-                    runtime_env={"env_vars": own})  # fmt: skip
-    ensure_ray(None)
+    start_ray()
     preprocess_split(
         annotation_file=data / "annotations" / "instances_train.json",
         images_dir=data / "images" / "train",

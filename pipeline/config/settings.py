@@ -250,7 +250,7 @@ class TrainSettings(Section):
     # resources
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: the trainer shares a local Ray's CPUs out
     placement_strategy: str = "PACK"
     batch_per_worker: int = 2
     prefetch_batches: int | None = None  # Ray Data's look-ahead; None = 1 on CPU, 2 on GPU
@@ -294,7 +294,10 @@ class TrainSettings(Section):
 
     def __post_init__(self) -> None:
         self._require(self.num_workers >= 1, "num_workers must be >= 1")
-        self._require(self.cpus_per_worker > 0, "cpus_per_worker must be > 0")
+        self._require(
+            self.cpus_per_worker is None or self.cpus_per_worker > 0,
+            "cpus_per_worker must be > 0 or null",
+        )
         self._choice("placement_strategy", self.placement_strategy, PLACEMENTS)
         self._check_length()
         self._check_selection()

@@ -40,6 +40,7 @@ from pipeline.training.hooks import RecipeHooks
 from pipeline.training.loader import make_collate_fn
 from pipeline.training.metrics_sender import MetricsSender, send_metrics
 from pipeline.training.periodic_eval import PeriodicEval, rank0_evaluator
+from pipeline.training.resources import torch_threads
 from pipeline.training.progress import LossWindow, ThroughputMeter, diverged_message
 from pipeline.training.progress_bar import StepReporter
 from pipeline.training.schedule import make_optimizer, make_scheduler
@@ -70,7 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if not settings.use_gpu:
-        torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+        torch.set_num_threads(torch_threads(settings))
 
     trainer = WorkerTrainer(
         settings=settings,

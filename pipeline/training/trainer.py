@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from pipeline.training.loop import train_loop_per_worker
 from pipeline.training.progress import LOSS_NAMES
 from pipeline.training.progress_bar import training_bar
 from pipeline.training.repeat import repeat_dataset
+from pipeline.training.resources import with_worker_cpus
 from pipeline.training.run_dir import RunPlan, open_run, plan_run
 from pipeline.training.selection import Selected, checkpoint_config, eval_spec, select_checkpoint
 
@@ -122,6 +123,7 @@ def train(
     check_server(plan.tracking_uri)  # before Ray starts: an unreachable server fails at once
     ensure_ray(ray_address, verbose=verbose)
     check_uri_for_cluster(plan.tracking_uri, node_count=cluster_node_count())
+    plan = _with_worker_cpus(plan)  # before the MLflow run, which logs the settings
     run = _start_run(plan)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,7 @@ def make_trainer(
     Ray Train's console shows errors only (its log files keep the rest) and a worker failure
     is summarised by ``FailureSummary``. ``board``: the progress bar's board (``progress_bar``),
     which rank 0 feeds instead of logging its progress line on the console."""
+    plan = _with_worker_cpus(plan)
     settings, verbose = plan.settings, verbose_requested(verbose)
     with _quiet_data_progress(verbose=verbose):
         return TorchTrainer(
@@ -311,7 +314,7 @@ def _train_dataset(plan: RunPlan) -> ray.data.Dataset:
     ``repeat_factor_threshold`` each epoch repeats images by their factor (``repeat``).
     """
     dataset = ray_dataset(plan.train_dir, manifest=plan.train_manifest)
-    if plan.train_manifest["counts"]["bytes_written"] <= CACHE_MAX_BYTES:
+    if _cached(plan):
         dataset = dataset.materialize()
     dataset = dataset.randomize_block_order(
         seed=RandomSeedConfig(seed=plan.settings.seed, reseed_after_execution=True)
@@ -322,6 +325,22 @@ def _train_dataset(plan: RunPlan) -> ray.data.Dataset:
             dataset, plan.train_manifest, threshold=threshold, seed=plan.settings.seed
         )
     return dataset
+
+
+def _with_worker_cpus(plan: RunPlan) -> RunPlan:
+    """The plan with ``cpus_per_worker`` resolved for the connected Ray (``resources``)."""
+    settings = with_worker_cpus(
+        plan.settings,
+        ray_cpus=ray.cluster_resources().get("CPU", 1.0),
+        nodes=cluster_node_count(),
+        streamed=not _cached(plan),
+    )
+    return replace(plan, settings=settings)
+
+
+def _cached(plan: RunPlan) -> bool:
+    """Whether the train split is small enough to keep in Ray's object store."""
+    return plan.train_manifest["counts"]["bytes_written"] <= CACHE_MAX_BYTES
 
 
 @contextmanager

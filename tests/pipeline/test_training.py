@@ -160,6 +160,7 @@ def test_mlflow_run_holds_params_loss_histories_and_system_metrics(overfit):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == str(OVERFIT_STEPS)
     assert run.data.params["model.backbone"] == "resnet18"
+    assert run.data.params["train.cpus_per_worker"] == "2.0"  # null: the head's 2 CPUs, 1 worker
     assert run.data.params["model.roi.mask_layers"] == "[32]"
     for name in ("loss", *LOSS_NAMES, "lr", "images_per_s", "data_wait"):
         history = client.get_metric_history(ref.run_id, name)
