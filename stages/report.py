@@ -27,9 +27,10 @@ def report_lines(artifacts: Path) -> list[str]:
     decision = _read(REGISTER.under(artifacts) / REGISTER.decision)
     lines = []
     if train:
+        workers = train["num_workers"]
         lines.append(
             f"trained {train['step']} steps in {train['train_s'] / 60:.1f} min "
-            f"({train['images_per_s']:.1f} images/s, {train['num_workers']} workers, "
+            f"({train['images_per_s']:.1f} images/s, {workers} worker{'s' * (workers != 1)}, "
             f"global batch {train['global_batch']}), final loss {train['loss']:.3f}"
         )
     else:

@@ -30,3 +30,15 @@ def test_a_challenger_is_reported_as_such(tmp_path):
         "segm AP per class: circle 0.30, ring 0.20",
         "registry: m v3 is challenger (worse)",
     ]
+
+
+def test_the_training_line_counts_its_workers(tmp_path):
+    (tmp_path / "train").mkdir()
+    train = {"step": 600, "train_s": 456.0, "images_per_s": 10.52, "num_workers": 1,
+             "global_batch": 8, "loss": 0.4879}  # fmt: skip
+    (tmp_path / "train" / "metrics.json").write_text(json.dumps(train))
+    assert report_lines(tmp_path)[0] == (
+        "trained 600 steps in 7.6 min (10.5 images/s, 1 worker, global batch 8), final loss 0.488"
+    )
+    (tmp_path / "train" / "metrics.json").write_text(json.dumps({**train, "num_workers": 2}))
+    assert "(10.5 images/s, 2 workers," in report_lines(tmp_path)[0]
