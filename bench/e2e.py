@@ -132,7 +132,7 @@ def our_recipe(params: Params, *, workers: int, seed: int, steps: int, root: Pat
 def pace_probe(config: ModelConfig, recipe: TrainSettings) -> float:
     """Images/s of one worker's train step on a synthetic batch, times the workers: a first
     guess of our pace, before any run has measured it."""
-    torch.set_num_threads(max(1, int(recipe.cpus_per_worker)))
+    torch.set_num_threads(max(1, cores() // recipe.num_workers))  # as the trainer shares them
     torch.manual_seed(0)
     model = MaskRCNN(config).train()
     images, targets = synthetic_batch(config, recipe.batch_per_worker, instances=4)

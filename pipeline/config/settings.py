@@ -294,17 +294,12 @@ class TrainSettings(Section):
 
     def __post_init__(self) -> None:
         self._require(self.num_workers >= 1, "num_workers must be >= 1")
-        self._require(
-            self.cpus_per_worker is None or self.cpus_per_worker > 0,
-            "cpus_per_worker must be > 0 or null",
-        )
+        for name in ("cpus_per_worker", "prefetch_batches"):  # null: decided at run time
+            value = getattr(self, name)
+            self._require(value is None or value > 0, f"{name} must be > 0 or null")
         self._choice("placement_strategy", self.placement_strategy, PLACEMENTS)
         self._check_length()
         self._check_selection()
-        self._require(
-            self.prefetch_batches is None or self.prefetch_batches >= 1,
-            "prefetch_batches must be >= 1 or null",
-        )
         for name in ("batch_per_worker", "lr_reference_batch", "grad_accum"):
             self._require(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):

@@ -40,9 +40,9 @@ from pipeline.training.hooks import RecipeHooks
 from pipeline.training.loader import make_collate_fn
 from pipeline.training.metrics_sender import MetricsSender, send_metrics
 from pipeline.training.periodic_eval import PeriodicEval, rank0_evaluator
-from pipeline.training.resources import torch_threads
 from pipeline.training.progress import LossWindow, ThroughputMeter, diverged_message
 from pipeline.training.progress_bar import StepReporter
+from pipeline.training.resources import torch_threads
 from pipeline.training.schedule import make_optimizer, make_scheduler
 from pipeline.training.state import (
     Progress,

@@ -102,6 +102,7 @@ def project_params() -> dict:
         ("train", "use_gpu", "yes", r"train\.use_gpu must be true or false"),
         ("train", "milestones", [10, "x"], r"train\.milestones must be a list of integers"),
         ("train", "weights_path", 3, r"train\.weights_path must be a string or null"),
+        ("train", "cpus_per_worker", "all", r"train\.cpus_per_worker must be a number or null"),
         ("model", "canvas", 256.0, r"model\.canvas must be an integer"),
         ("model", "rpn", {"nms_thresh": "high"}, r"model\.rpn\.nms_thresh must be a number"),
         ("model", "roi", {"mask_layer": [8]}, r"unknown key model\.roi\.mask_layer"),
@@ -152,6 +153,7 @@ def test_an_out_of_range_value_is_named(tmp_path):
     ("section", "key", "value", "named"),
     [
         ("shapes", "min_side", 8, "min_side <= max_side"),
+        ("train", "cpus_per_worker", 0, "cpus_per_worker must be > 0 or null"),
         ("shapes", "crowd_fraction", 1.5, "crowd_fraction must be in"),
         ("preprocess", "image_format", "webp", "image_format must be one of"),
         ("preprocess", "jpeg_quality", 0, "jpeg_quality must be in 1..100"),
