@@ -156,7 +156,7 @@ def main() -> None:
         "global_batch": settings.global_batch,
         "images": args.images,
         "steps": args.steps,
-        "model": config,
+        "model": job["config"],
         "runs": runs,
         "median": summary,
         "images_per_s_2x1_over_1x2": round(
