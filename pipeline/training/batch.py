@@ -103,9 +103,9 @@ def unpack_batch(batch: dict[str, Tensor]) -> tuple[Tensor, list[dict[str, Tenso
 
 
 def prefetch_batches(setting: int | None, device: torch.device) -> int:
-    """Batches Ray Data prepares ahead: the setting, or by default 1 on the CPU (the collate
-    competes with the step for the same cores) and 2 on a GPU (one being copied while one is
-    collated, so the device never waits on the host)."""
+    """Batches Ray Data prepares ahead: the setting, or by default 1 on the CPU (where only
+    the shard rows are read ahead: the training thread collates them) and 2 on a GPU (one being
+    copied while one is collated, so the device never waits on the host)."""
     if setting is not None:
         return setting
     return 2 if device.type == "cuda" else 1

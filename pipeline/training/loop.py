@@ -228,16 +228,19 @@ class WorkerTrainer:
         batches already consumed before a resume are skipped."""
         skip, seen = self.progress.batch_in_epoch, 0
         batch = self.settings.batch_per_worker
-        batches = shard.iter_torch_batches(
+        options = dict(
             batch_size=batch,
-            collate_fn=self.collate,
             prefetch_batches=prefetch_batches(self.settings.prefetch_batches, self.device),
-            device="cpu",  # to_device moves the pinned batch, and leaves `counts` on the host
             drop_last=True,
             local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch,
             local_shuffle_seed=stream_seed(self.settings.seed, self.rank, self.progress.epoch),
         )
-        iterator = iter(batches)
+        if self.device.type == "cuda":  # collated in Ray Data's threads, beside the GPU's step
+            # device "cpu": to_device moves the pinned batch, and leaves `counts` on the host
+            batches = shard.iter_torch_batches(collate_fn=self.collate, device="cpu", **options)
+            iterator = iter(batches)
+        else:  # collated here: torch work in a second thread slows the step (docs/benchmarks.md)
+            iterator = map(self.collate, shard.iter_batches(batch_format="numpy", **options))
         while True:
             start = time.perf_counter()
             try:
