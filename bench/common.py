@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -73,3 +75,25 @@ def start_local_ray(*, attempts: int = 3, **init_kwargs) -> None:
                 raise
             ray.shutdown()
             time.sleep(5)
+
+
+def seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
+    """Mean seconds of ``repeats`` calls of ``fn``, after one warm-up call (oneDNN primitives,
+    caches, lazy compilation)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def in_turn(calls: dict[str, Callable[[], object]], *, rounds: int, repeats: int) -> dict:
+    """Each call's seconds per call, the calls in turn within every round, and their medians."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(round(seconds_per_call(fn, repeats), 4))
+    return {
+        "seconds_per_call": times,
+        "median_s": {name: statistics.median(t) for name, t in times.items()},
+    }

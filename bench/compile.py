@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import load_average
+from common import in_turn, load_average
 from model_step import synthetic_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +46,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def pair(model: MaskRCNN) -> dict[str, MaskRCNN]:
     """Eager and compiled copies of ``model`` (compilation is lazy: at the first call)."""
     eager = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -62,20 +55,18 @@ def pair(model: MaskRCNN) -> dict[str, MaskRCNN]:
 
 
 def alternate(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict:
-    """First-call seconds (compilation, warm-up), then each side's seconds per call in turn."""
-    first = {name: round(timed(fn), 2) for name, fn in calls.items()}
-    for fn in calls.values():
-        fn()  # a second warm-up: inductor may recompile once for the grad mode
-    rounds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, fn in calls.items():
-            per_call = sum(timed(fn) for _ in range(args.repeats)) / args.repeats
-            rounds[name].append(round(per_call, 4))
-    median = {name: statistics.median(times) for name, times in rounds.items()}
+    """First-call seconds (compilation), then each side's seconds per call in turn (after a
+    further warm-up call: inductor may recompile once for the grad mode)."""
+    first = {}
+    for name, fn in calls.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = round(time.perf_counter() - start, 2)
+    timed = in_turn(calls, rounds=args.rounds, repeats=args.repeats)
+    median = timed["median_s"]
     return {
         "first_call_s": first,
-        "seconds_per_call": rounds,
-        "median_s": median,
+        **timed,
         "speedup_compiled": round(median["eager"] / median["compiled"], 3),
     }
 

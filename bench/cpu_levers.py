@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import load_average
+from common import in_turn, load_average
 from model_step import synthetic_batch
 from torch.profiler import profile
 from torchvision_loop import build_model
@@ -65,26 +63,11 @@ def base_model(args: argparse.Namespace) -> MaskRCNN:
     return MaskRCNN(model_config(load_params(args.params), num_classes=6))
 
 
-def seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: oneDNN primitives, caches
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
 def alternate(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict:
     """Each layout's seconds per call, the layouts in turn within every round."""
-    rounds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, fn in calls.items():
-            rounds[name].append(round(seconds_per_call(fn, args.repeats), 4))
-    median = {name: statistics.median(times) for name, times in rounds.items()}
-    return {
-        "seconds_per_call": rounds,
-        "median_s": median,
-        "speedup_channels_last": round(median["default"] / median["channels_last"], 3),
-    }
+    timed = in_turn(calls, rounds=args.rounds, repeats=args.repeats)
+    median = timed["median_s"]
+    return {**timed, "speedup_channels_last": round(median["default"] / median["channels_last"], 3)}
 
 
 def in_layouts(model: MaskRCNN) -> dict[str, MaskRCNN]:

@@ -59,6 +59,7 @@ from pipeline.config.settings import (  # noqa: E402
 )
 from pipeline.evaluation.evaluate import evaluate  # noqa: E402
 from pipeline.shards.schema import read_manifest  # noqa: E402
+from pipeline.training.resources import torch_threads, with_worker_cpus  # noqa: E402
 from pipeline.training.trainer import train  # noqa: E402
 
 log = logging.getLogger("bench.e2e")
@@ -132,7 +133,8 @@ def our_recipe(params: Params, *, workers: int, seed: int, steps: int, root: Pat
 def pace_probe(config: ModelConfig, recipe: TrainSettings) -> float:
     """Images/s of one worker's train step on a synthetic batch, times the workers: a first
     guess of our pace, before any run has measured it."""
-    torch.set_num_threads(max(1, cores() // recipe.num_workers))  # as the trainer shares them
+    one_machine = with_worker_cpus(recipe, ray_cpus=cores(), nodes=1, streamed=False)
+    torch.set_num_threads(torch_threads(one_machine))  # as the trainer shares them out
     torch.manual_seed(0)
     model = MaskRCNN(config).train()
     images, targets = synthetic_batch(config, recipe.batch_per_worker, instances=4)
