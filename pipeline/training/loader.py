@@ -36,6 +36,7 @@ from pipeline.io import storage
 from pipeline.io.images import decode_chw, resized_size
 from pipeline.shards.schema import TARGET_COLUMNS, check_compatible, shard_files
 from pipeline.training.batch import crop_targets, mask_crop_size, pack_batch
+from pipeline.training.scales import draw_scale, rescale_instances
 
 __all__ = [
     "ShardCollateFn",
@@ -78,7 +79,13 @@ def decode_batch(
     images = np.zeros((len(rows["image"]), 3, canvas, canvas), dtype=np.uint8)
     targets = []
     for i, canvas_image in enumerate(images):
-        k, size = _draw_scale(rows, i, generator)
+        k, size = draw_scale(
+            rows["target_scales"][i],
+            stored_scale=rows["scale"][i],
+            height=int(rows["height"][i]),
+            width=int(rows["width"][i]),
+            generator=generator,
+        )
         flip = flip_prob > 0 and float(torch.rand((), generator=generator)) < flip_prob
         width = _paste_image(canvas_image, rows["image"][i], flip=flip, size=size)
         keep = ~rows["iscrowd"][i].astype(bool)
@@ -98,9 +105,12 @@ def decode_batch(
         crops = [c for c, kept in zip(rows["mask_crops"][i], keep, strict=True) if kept]
         rects, boxes = rows["mask_crop_boxes"][i][keep], rows["boxes"][i][keep]
         if size is not None:
-            stored_size = _stored_size(rows, i)
-            crops, rects = _resize_crops(crops, rects, stored_size, size)
-            boxes = _scaled_boxes(boxes, stored_size, size)
+            stored = resized_size(
+                int(rows["height"][i]), int(rows["width"][i]), float(rows["scale"][i])
+            )
+            crops, rects, boxes = rescale_instances(
+                crops, rects, boxes, stored=stored, size=size, canvas_masks=crop_size is None
+            )
         if crop_size is None:
             masks = {"masks": _canvas_masks(crops, rects, width, canvas, flip=flip)}
         else:
@@ -116,51 +126,6 @@ def decode_batch(
             }
         )
     return torch.from_numpy(images), targets
-
-
-def _draw_scale(
-    rows: dict[str, list[Any]], i: int, generator: torch.Generator | None
-) -> tuple[int, tuple[int, int] | None]:
-    """Row ``i``'s training scale: its index and the image size there (None: the stored one).
-    A single stored scale draws nothing, so the default stream is the single-scale one."""
-    scales = rows["target_scales"][i]
-    k = 0 if len(scales) == 1 else int(torch.randint(len(scales), (), generator=generator))
-    if float(scales[k]) == float(rows["scale"][i]):
-        return k, None
-    return k, resized_size(int(rows["height"][i]), int(rows["width"][i]), float(scales[k]))
-
-
-def _scaled_boxes(boxes: np.ndarray, stored: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """Boxes at another image size, per axis as preprocess scales them (reader.instance_boxes),
-    so that they are the boxes that scale's stored targets were matched to."""
-    factors = np.array([size[1] / stored[1], size[0] / stored[0]] * 2)
-    return (boxes.astype(np.float64) * factors).astype(np.float32)
-
-
-def _stored_size(rows: dict[str, list[Any]], i: int) -> tuple[int, int]:
-    return resized_size(int(rows["height"][i]), int(rows["width"][i]), float(rows["scale"][i]))
-
-
-def _resize_crops(
-    crops: list[bytes], rects: np.ndarray, stored: tuple[int, int], size: tuple[int, int]
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Mask crops (decoded) and their rectangles at another image size: rectangle corners
-    scaled and rounded, pixels by nearest neighbour; a non-empty crop keeps at least a pixel."""
-    qy, qx = size[0] / stored[0], size[1] / stored[1]
-    out_crops, out_rects = [], np.zeros((len(crops), 4), dtype=np.int64)
-    for j, (crop, (x1, y1, x2, y2)) in enumerate(zip(crops, rects, strict=True)):
-        if x2 <= x1:
-            out_crops.append(b"")
-            continue
-        pixels = mask_utils.decode({"size": [int(y2 - y1), int(x2 - x1)], "counts": crop})
-        nx1, ny1 = min(round(x1 * qx), size[1] - 1), min(round(y1 * qy), size[0] - 1)
-        nx2 = min(max(nx1 + 1, round(x2 * qx)), size[1])
-        ny2 = min(max(ny1 + 1, round(y2 * qy)), size[0])
-        ys = ((np.arange(ny2 - ny1) + 0.5) * (y2 - y1) / (ny2 - ny1)).astype(np.int64)
-        xs = ((np.arange(nx2 - nx1) + 0.5) * (x2 - x1) / (nx2 - nx1)).astype(np.int64)
-        out_crops.append(pixels[np.ix_(ys, xs)])
-        out_rects[j] = (nx1, ny1, nx2, ny2)
-    return out_crops, out_rects
 
 
 def _paste_image(

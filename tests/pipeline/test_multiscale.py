@@ -15,10 +15,12 @@ from torchvision.ops import box_iou
 
 from maskrcnn.anchors import anchor_grid
 from maskrcnn.config import ModelConfig
+from maskrcnn.roi_heads import mask_targets
 from pipeline.coco.masks import masks_to_boxes
-from pipeline.coco.reader import read_coco
+from pipeline.coco.reader import instance_masks, read_coco
 from pipeline.shards.preprocess import encode_record
 from pipeline.shards.schema import rows_to_table, shard_files, shard_metadata
+from pipeline.training.batch import mask_crop_size
 from pipeline.training.loader import decode_batch, iter_batches
 
 CONFIG = ModelConfig(num_classes=6, canvas=128)
@@ -91,10 +93,15 @@ def test_each_scales_targets_equal_torchvision_on_the_resized_boxes(split):
     assert compared >= 10
 
 
-def _decode(table, seed, flip_prob=0.0):
+def _decode(table, seed, flip_prob=0.0, crop_size=None):
     generator = torch.Generator().manual_seed(seed)
     return decode_batch(
-        table, canvas=S, num_anchors=GRID.num_anchors, flip_prob=flip_prob, generator=generator
+        table,
+        canvas=S,
+        num_anchors=GRID.num_anchors,
+        flip_prob=flip_prob,
+        generator=generator,
+        crop_size=crop_size,
     )
 
 
@@ -132,6 +139,42 @@ def test_image_boxes_masks_and_targets_line_up_at_every_scale(split, flip_prob):
             assert not set(idx[labels == 0].tolist()) & set(row[prefix + "ignore"][k])
     # Uniform over three scales: 128 draws, each count within 4.5 sigma of 42.7.
     assert set(drawn) == {0, 1, 2} and all(18 <= n <= 68 for n in drawn.values()), drawn
+
+
+def test_mask_targets_at_every_scale_match_the_annotation_rasterised_there(split):
+    """Both mask forms the loader gives at a drawn scale (canvas masks; the mask crops the
+    training collate ships) train the mask head as the annotation rasterised at that scale
+    would: 28 x 28 targets on the gt boxes, mean |difference| and share of equal binarised
+    pixels over all images (each form resamples the stored crop by nearest neighbour)."""
+    _, table, records = split
+    errors: dict[str, list[tuple[float, float]]] = {"masks": [], "mask_crops": []}
+    for seed in range(6):
+        images, canvas = _decode(table, seed)
+        _, crops = _decode(table, seed, crop_size=mask_crop_size(CONFIG))
+        for row, record, image, plain, cropped in zip(
+            table.to_pylist(), records, images, canvas, crops, strict=True
+        ):
+            if not len(plain["boxes"]):
+                continue
+            k, _ = _drawn_scale(row, image)
+            kept = [not i.iscrowd for i in record.instances]
+            exact = instance_masks(record, scale=row["target_scales"][k])[kept]
+            truth = torch.zeros((len(exact), S, S), dtype=torch.uint8)
+            truth[:, : exact.shape[1], : exact.shape[2]] = torch.from_numpy(exact)
+            boxes, matched = plain["boxes"], torch.arange(len(plain["boxes"]))
+            want = mask_targets([truth], [boxes], [matched], 28)
+            forms = {
+                "masks": plain["masks"],
+                "mask_crops": (cropped["mask_crops"], cropped["mask_boxes"]),
+            }
+            for name, masks in forms.items():
+                got = mask_targets([masks], [boxes], [matched], 28)
+                same = ((got >= 0.5) == (want >= 0.5)).float().mean()
+                errors[name].append((float((got - want).abs().mean()), float(same)))
+    mean = {name: np.mean(values, axis=0) for name, values in errors.items()}
+    assert len(errors["masks"]) >= 64, len(errors["masks"])
+    assert mean["masks"][0] < 0.035 and mean["masks"][1] >= 0.96, mean
+    assert mean["mask_crops"][0] < 0.062 and mean["mask_crops"][1] >= 0.94, mean
 
 
 def test_shards_with_other_scales_are_an_error_at_train_time(split):
