@@ -30,7 +30,7 @@ REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 IMAGE_FORMATS = ("jpeg", "png")
 AUTO = "auto"
-LOCAL = "local"  # evaluate.concurrency: in the stage's own process
+LOCAL = "local"  # evaluate.concurrency: on this machine, without Ray
 
 # Settings that may change while a run goes on under the same run name: how long it runs, how
 # often it logs and checkpoints, where and on how many workers it runs (the learning rate follows
@@ -100,6 +100,14 @@ class Section:
     def _at_least(self, minimum: int, *names: str) -> None:
         for name in names:
             self._require(getattr(self, name) >= minimum, f"{name} must be >= {minimum}")
+
+    def _count_or(self, name: str, *words: str) -> None:
+        """``name`` is an integer >= 1 or one of ``words``."""
+        value = getattr(self, name)
+        count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        allowed = ", ".join(["an integer >= 1", *(f'"{w}"' for w in words[:-1])])
+        message = f'{name} must be {allowed} or "{words[-1]}", got {value!r}'
+        self._require(count or value in words, message)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,9 +185,10 @@ class PreprocessSettings(Section):
 @dataclass(frozen=True, kw_only=True)
 class EvaluateSettings(Section):
     """Batch inference and scoring (``evaluate:``), for ``evaluate``. ``concurrency``: the
-    number of inference actors, "local" (in the stage's process, no Ray), or "auto" (local on
-    one machine with at most one GPU, else a pool sized to the cluster); ``amp``: autocast of
-    inference on GPUs (as ``train.amp``)."""
+    number of inference actors, "local" (on this machine, no Ray), or "auto" (local on one
+    machine with at most one GPU, else a pool sized to the cluster); ``processes``: local
+    inference's processes on CPUs ("auto": one per core); ``amp``: autocast of inference on
+    GPUs (as ``train.amp``)."""
 
     SECTION: ClassVar[str] = "evaluate"
 
@@ -188,6 +197,7 @@ class EvaluateSettings(Section):
     num_overlays: int = 8
     overlay_score_threshold: float = 0.5
     concurrency: int | str = AUTO
+    processes: int | str = AUTO
     amp: str = "none"
 
     def __post_init__(self) -> None:
@@ -195,11 +205,8 @@ class EvaluateSettings(Section):
         self._at_least(1, "batch_size")
         self._at_least(0, "num_overlays")
         self._fraction("score_threshold", "overlay_score_threshold")
-        count = isinstance(self.concurrency, int) and not isinstance(self.concurrency, bool)
-        self._require(
-            self.concurrency in (AUTO, LOCAL) or (count and self.concurrency >= 1),
-            f'concurrency must be an integer >= 1, "auto" or "local", got {self.concurrency!r}',
-        )
+        self._count_or("concurrency", AUTO, LOCAL)
+        self._count_or("processes", AUTO)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -293,17 +300,14 @@ class TrainSettings(Section):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self._require(self.num_workers >= 1, "num_workers must be >= 1")
         for name in ("cpus_per_worker", "prefetch_batches"):  # null: decided at run time
             value = getattr(self, name)
             self._require(value is None or value > 0, f"{name} must be > 0 or null")
         self._choice("placement_strategy", self.placement_strategy, PLACEMENTS)
         self._check_length()
         self._check_selection()
-        for name in ("batch_per_worker", "lr_reference_batch", "grad_accum"):
-            self._require(getattr(self, name) >= 1, f"{name} must be >= 1")
-        for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
-            self._require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        self._at_least(1, "num_workers", "batch_per_worker", "lr_reference_batch", "grad_accum")
+        self._at_least(1, "checkpoint_every", "keep_checkpoints", "log_every")
         self._choice("optimizer", self.optimizer, OPTIMIZERS)
         self._require(self.base_lr > 0, "base_lr must be > 0")
         self._require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
@@ -338,10 +342,7 @@ class TrainSettings(Section):
             self.amp != "fp16" or self.use_gpu,
             "amp: fp16 needs use_gpu: true (CPU autocast supports bf16 only)",
         )
-        self._require(0 <= self.flip_prob <= 1, "flip_prob must be in [0, 1]")
-        self._require(
-            0 <= self.repeat_factor_threshold <= 1, "repeat_factor_threshold must be in [0, 1]"
-        )
+        self._fraction("flip_prob", "repeat_factor_threshold")
         self._choice("init", self.init, INITS)
         self._require(
             self.init in ("none", "registry") or bool(self.weights_path),

@@ -61,6 +61,7 @@ def evaluate(
     num_overlays: int = 8,
     overlay_score_threshold: float = 0.5,
     concurrency: int | str = "auto",
+    processes: int | str = "auto",
     amp: str = "none",
     ray_address: str | None = None,
     verbose: bool = False,
@@ -74,7 +75,8 @@ def evaluate(
     ``tracking_run`` is run.json's content (run_id, tracking_uri); None skips MLflow.
     ``tracking_step``: the training step of the model scored, where its figures go in the run's
     metric histories (next to those of the evaluations during training, not at step 0).
-    ``concurrency`` is the number of inference actors, or "auto" (``_pool_plan``); ``amp`` the
+    ``concurrency`` is the number of inference actors, or "auto" (``_pool_plan``); ``processes``
+    those of inference on this machine's CPUs (``local_processes``); ``amp`` the
     autocast dtype of inference on GPUs (the training's ``train.amp``); ``verbose``: Ray's own
     console lines, when a Ray runtime is started here for the actor pool.
     """
@@ -102,7 +104,7 @@ def evaluate(
         "amp": amp,
     }
     if runs_here(concurrency, ray_address):
-        images, results = predict_here(model_bytes=model_bytes, **common)
+        images, results = predict_here(model_bytes=model_bytes, processes=processes, **common)
     else:
         ensure_ray(ray_address, verbose=verbose)
         plan = pool_plan(concurrency, ray.cluster_resources())

@@ -1,9 +1,14 @@
-"""Where the evaluate stage's inference runs: in this process, or on a Ray Data actor pool.
+"""Where the evaluate stage's inference runs: on this machine, or on a Ray Data actor pool.
 
 On one machine without a cluster to spread over, an actor pool only adds its fixed costs (a
 Ray runtime, actor processes that import torch and load the model, Ray Data's read tasks)
-to a val set that the machine's cores or its one GPU score as fast in this process: there
-``concurrency: auto`` runs here. On a cluster (``ray.address`` or ``RAY_ADDRESS``), or with
+to a val set that the machine's cores or its one GPU score as fast here: there
+``concurrency: auto`` runs on this machine. On CPUs that means one process per core with one
+torch thread each, forked from this one once the model is built (no start-up to speak of):
+detection is many small operators and Python between them, which one thread per core keeps
+busier than one process with a thread per core (docs/benchmarks.md, "Evaluation in forked
+processes"). On a GPU, or where processes are not forked (not Linux), it is this process. On
+a cluster (``ray.address`` or ``RAY_ADDRESS``), or with
 several GPUs, the actors each build the model once (a GPU each when the cluster has them) and
 turn batches of shard rows into COCO results; the model file's bytes reach them through Ray's
 object store, so they need not see the driver's files.
@@ -11,12 +16,17 @@ object store, so they need not see the driver's files.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +36,8 @@ import ray.data
 import torch
 
 from maskrcnn.checkpoints import load_model
+from pipeline.config.errors import UserError
+from pipeline.config.settings import AUTO, LOCAL
 from pipeline.inference.detector import Detector
 from pipeline.inference.shard_scoring import ROW_COLUMNS, batched, detect_rows, iter_rows
 from pipeline.io import storage
@@ -38,7 +50,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # concurrency "auto" on CPUs: one actor per this many CPUs of the cluster (docs/benchmarks.md,
 # "Evaluation actors on CPU": on 2 cores, 2 one-thread actors vs 1 two-thread actor).
 CPUS_PER_AUTO_ACTOR = 2
-LOCAL = "local"  # evaluate.concurrency: in this process, no Ray
 
 Images = list[tuple[int, str]]  # (image_id, file_name) in image-id order
 Results = list[dict[str, Any]]  # COCO results of every image
@@ -114,27 +125,106 @@ def predict_here(
     batch_size: int,
     score_threshold: float,
     amp: str = "none",
+    processes: int | str = AUTO,
 ) -> tuple[Images, Results]:
-    """Inference in this process, with all its cores (or its GPU), one batch at a time."""
+    """Inference on this machine, one batch at a time: on the GPU in this process, on CPUs in
+    ``processes`` forked ones ("auto": one per core, ``local_processes``)."""
+    cores = len(os.sched_getaffinity(0))
     predictor = ShardPredictor(
         model=model_bytes,
         categories=manifest["categories"],
         score_threshold=score_threshold,
-        threads=len(os.sched_getaffinity(0)),
+        threads=cores,
         amp=amp,
     )
-    log.info(
-        "inference in this process: %d torch thread(s) on %s",
-        torch.get_num_threads(),
-        predictor.detector.device,
-    )
+    count = local_processes(processes, predictor.detector.device)
+    if count > 1:
+        log.info("inference in %d forked processes, 1 torch thread each, on CPU", count)
+    else:
+        log.info(
+            "inference in this process: %d torch thread(s) on %s",
+            torch.get_num_threads(),
+            predictor.detector.device,
+        )
     per_image: list[tuple[int, str, Results]] = []
-    with ImageProgress(f"evaluate {_split(shards_dir)}", total=_count(manifest)) as meter:
-        for rows in batched(iter_rows(shards_dir, manifest), batch_size):
-            for row, results in zip(rows, predictor.detect(rows), strict=True):
+    batches = batched(iter_rows(shards_dir, manifest), batch_size)
+    with (
+        ImageProgress(f"evaluate {_split(shards_dir)}", total=_count(manifest)) as meter,
+        local_detections(predictor, count) as detect,
+    ):
+        for rows, detected in detect(batches):
+            for row, results in zip(rows, detected, strict=True):
                 per_image.append((int(row["image_id"]), str(row["file_name"]), results))
             meter.add(len(rows))
     return _in_id_order(per_image)
+
+
+def local_processes(processes: int | str, device: torch.device) -> int:
+    """How many processes infer on this machine: ``processes``, or for "auto" one per core on
+    CPUs where processes can be forked (Linux), else 1. Only CPU inference forks: a CUDA
+    context does not survive a fork."""
+    forks = sys.platform.startswith("linux")
+    if processes == AUTO:
+        return len(os.sched_getaffinity(0)) if device.type == "cpu" and forks else 1
+    if int(processes) > 1 and (device.type != "cpu" or not forks):
+        log.warning(
+            "evaluate.processes %s ignored: inference on %s%s runs in this process",
+            processes,
+            device,
+            "" if forks else f" ({sys.platform} does not fork)",
+        )
+        return 1
+    return int(processes)
+
+
+# The forked workers' predictor: inherited from the parent's memory at the fork, not pickled.
+_FORKED: ShardPredictor | None = None
+
+
+def _adopt(predictor: ShardPredictor) -> None:
+    global _FORKED
+    torch.set_num_threads(1)
+    _FORKED = predictor
+
+
+def _detect_forked(rows: list[dict[str, Any]]) -> list[Results]:
+    assert _FORKED is not None, "called outside a forked inference worker"
+    return _FORKED.detect(rows)
+
+
+@contextlib.contextmanager
+def local_detections(predictor: ShardPredictor, processes: int):
+    """``detect(batches)`` -> (rows, their results) per batch, in order: in this process, or
+    spread over ``processes`` forked workers with a few batches in flight per worker."""
+    if processes == 1:
+        yield lambda batches: ((rows, predictor.detect(rows)) for rows in batches)
+        return
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_adopt, initargs=(predictor,)
+    ) as pool:
+        # The first task forks every worker: before the shards are read, so that no thread of
+        # this process is busy (pyarrow's readers) at the fork.
+        pool.submit(int).result()
+
+        def detect(batches: Iterable[list[dict[str, Any]]]) -> Iterator[tuple[list, list]]:
+            in_flight: collections.deque = collections.deque()
+            try:
+                for rows in batches:
+                    in_flight.append((rows, pool.submit(_detect_forked, rows)))
+                    if len(in_flight) > 2 * processes:
+                        rows, done = in_flight.popleft()
+                        yield rows, done.result()
+                for rows, done in in_flight:
+                    yield rows, done.result()
+            except BrokenProcessPool as error:
+                raise UserError(
+                    f"an inference process of the {processes} stopped abruptly (killed, out of "
+                    "memory?): set evaluate.processes lower, or to 1 for inference in the "
+                    "stage's own process"
+                ) from error
+
+        yield detect
 
 
 def predict_on_actors(
