@@ -2,7 +2,9 @@
 
 Inputs are already on the canvas (no resize, no padding step): the model normalises them and
 runs backbone -> RPN -> RoI heads. ``model(images, targets)`` returns the five losses in training
-and ``list[dict(boxes, labels, scores, masks)]`` in evaluation, as torchvision's ``MaskRCNN``.
+and ``list[dict(boxes, labels, scores, masks)]`` in evaluation, as torchvision's ``MaskRCNN``;
+``model(images, paste_masks=False)`` gives each detection's mask probabilities over its own box
+(``mask_probs [N, 1, M, M]``) instead, for a caller that pastes them at another size.
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ class MaskRCNN(nn.Module):
         return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
 
     def forward(
-        self, images: Tensor, targets: list[dict[str, Tensor]] | None = None
+        self,
+        images: Tensor,
+        targets: list[dict[str, Tensor]] | None = None,
+        *,
+        paste_masks: bool = True,
     ) -> dict[str, Tensor] | Detections:
-        """``images [B, 3, S, S]``; ``targets`` (training only) as in docs/design.md."""
+        """``images [B, 3, S, S]``; ``targets`` (training only) as in docs/design.md;
+        ``paste_masks`` (evaluation): masks on the canvas, else ``mask_probs`` per box."""
         validate_images(images, self.config)
         check = validate_targets(targets, images.shape[0], self.config) if self.training else None
         features = list(self.backbone(self.normalize(images)).values())  # P2..P6
@@ -53,5 +60,7 @@ class MaskRCNN(nn.Module):
         proposals, rpn_losses = self.rpn(
             features, targets, before_loss=check.raise_if_bad if check else None
         )
-        detections, roi_losses = self.roi_heads(features[:4], proposals, targets)
+        detections, roi_losses = self.roi_heads(
+            features[:4], proposals, targets, paste_masks=paste_masks
+        )
         return {**rpn_losses, **roi_losses} if self.training else detections

@@ -3,9 +3,11 @@
 ``paste_masks`` is torchvision's ``paste_masks_in_image``, for all of an image's detections at
 once on an accelerator. ``to_original`` maps one image's detections from canvas coordinates
 back to the original image: the image was resized by ``scale`` and placed at the canvas's
-top-left, so boxes divide by ``scale`` and each mask's probability map is cropped to the
-resized image (``round(h * scale) x round(w * scale)``), resized bilinearly to ``H x W`` and
-thresholded.
+top-left, so boxes divide by ``scale``. Masks given on the canvas are cropped to the resized
+image (``round(h * scale) x round(w * scale)``), resized bilinearly to ``H x W`` and
+thresholded; masks given as probabilities over their boxes (``mask_probs``, the model's
+``paste_masks=False``) are pasted once, straight into the ``H x W`` image, as torchvision's
+eval path pastes them (``paste_in_image``).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def to_original(
     width: int,
     mask_threshold: float = 0.5,
 ) -> dict[str, Tensor]:
-    """``detection`` (boxes, labels, scores, optional masks ``[N, 1, S, S]``) at ``height x width``.
+    """``detection`` (boxes, labels, scores, and masks on the canvas ``[N, 1, S, S]`` or
+    ``mask_probs [N, 1, M, M]`` over the boxes, or neither) at ``height x width``.
 
     Returns boxes clipped to the image and masks as uint8 ``[N, height, width]`` (0 or 1).
     """
@@ -122,14 +125,48 @@ def to_original(
             f"scale, height and width must be positive, got {scale}, {height}, {width}"
         )
     boxes = detection["boxes"] / scale
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    result = {**detection, "boxes": boxes}
-    if "masks" in detection:
+    result = {**detection}
+    if "mask_probs" in detection:
+        result["masks"] = paste_in_image(
+            result.pop("mask_probs"), boxes, height=height, width=width, threshold=mask_threshold
+        )
+    elif "masks" in detection:
         result["masks"] = paste_original(
             detection["masks"], scale=scale, height=height, width=width, threshold=mask_threshold
         )
+    # Clipped after the paste: a mask's box may reach past the image, as it may on the canvas.
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    result["boxes"] = boxes
     return result
+
+
+def paste_in_image(
+    masks: Tensor, boxes: Tensor, *, height: int, width: int, threshold: float, padding: int = 1
+) -> Tensor:
+    """Mask probabilities over their boxes ``[N, 1, M, M]`` at ``boxes [N, 4]`` (image pixels)
+    -> uint8 masks ``[N, height, width]``: torchvision's ``paste_masks_in_image`` and then
+    ``>= threshold``, the same pixels, computed inside each box only (torchvision makes a float
+    image per detection).
+
+    The masks are laid out column by column (a transposed view of ``[N, width, height]``),
+    the order COCO's RLE encoder reads, so encoding them needs no copy.
+    """
+    n, cells = len(masks), masks.shape[-1]
+    out = torch.zeros((n, width, height), dtype=torch.uint8, device=masks.device).permute(0, 2, 1)
+    if n == 0:
+        return out
+    padded = F.pad(masks[:, 0].float(), (padding,) * 4)
+    corners = expand_boxes(boxes.float(), (cells + 2 * padding) / cells).to(torch.int64)
+    for mask, pixels, (x1, y1, x2, y2) in zip(out, padded, corners.tolist(), strict=True):
+        left, right, top, bottom = max(x1, 0), min(x2 + 1, width), max(y1, 0), min(y2 + 1, height)
+        if right <= left or bottom <= top:
+            continue  # the box lies outside the image
+        size = (max(y2 - y1 + 1, 1), max(x2 - x1 + 1, 1))
+        resized = F.interpolate(pixels[None, None], size=size, mode="bilinear", align_corners=False)
+        inside = resized[0, 0, top - y1 : bottom - y1, left - x1 : right - x1]
+        mask[top:bottom, left:right] = inside >= threshold
+    return out
 
 
 def paste_original(

@@ -14,11 +14,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes, roi_align
 
+from . import postprocess
 from .box_ops import decode_boxes
 from .config import ModelConfig, RoIConfig
 from .mask_crops import crop_mask_targets
 from .pooling import MultiLevelRoIAlign
-from .postprocess import paste_masks
 from .roi_sampling import RoISample, sample_proposals
 
 # An image's gt masks: full-canvas ``masks`` [N, S, S], or (``mask_crops``, ``mask_boxes``).
@@ -141,12 +141,14 @@ class RoIHeads(nn.Module):
         features: list[Tensor],
         proposals: list[Tensor],
         targets: list[dict[str, Tensor]] | None = None,
+        *,
+        paste_masks: bool = True,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """``features`` P2..P5 -> (detections in eval, losses in training)."""
         if self.training:
             assert targets is not None, "training needs targets"
             return [], self.losses(features, proposals, targets)
-        return self.detect(features, proposals), {}
+        return self.detect(features, proposals, paste_masks=paste_masks), {}
 
     def box_outputs(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
         return self.box_predictor(self.box_head(self.box_pool(features, boxes)))
@@ -174,7 +176,11 @@ class RoIHeads(nn.Module):
             "loss_mask": loss_mask,
         }
 
-    def detect(self, features: list[Tensor], proposals: list[Tensor]) -> list[dict[str, Tensor]]:
+    def detect(
+        self, features: list[Tensor], proposals: list[Tensor], *, paste_masks: bool = True
+    ) -> list[dict[str, Tensor]]:
+        """Detections with ``masks`` on the canvas, or (``paste_masks`` False) with each one's
+        mask probabilities over its box, ``mask_probs [N, 1, M, M]``."""
         class_logits, box_deltas = self.box_outputs(features, proposals)
         detections = select_detections(
             class_logits.float(),
@@ -188,5 +194,9 @@ class RoIHeads(nn.Module):
         labels = torch.cat([d["labels"] for d in detections])
         probs = probs[torch.arange(len(labels), device=labels.device), labels][:, None]
         for det, img_probs in zip(detections, probs.split([len(b) for b in boxes]), strict=True):
-            det["masks"] = paste_masks(img_probs, det["boxes"], (self.canvas, self.canvas))
+            if paste_masks:
+                canvas = (self.canvas, self.canvas)
+                det["masks"] = postprocess.paste_masks(img_probs, det["boxes"], canvas)
+            else:
+                det["mask_probs"] = img_probs
         return detections

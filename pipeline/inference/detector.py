@@ -112,7 +112,9 @@ class Detector:
                     f"got shape {image.shape}"
                 )
             batch[i, :, :h, :w] = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1)
-        outputs = self.model(batch.to(self.device))
+        # On CPUs each mask is pasted once, inside its box, at the original size; on accelerators
+        # on the canvas in one batched call (no host sync per detection), then resized.
+        outputs = self.model(batch.to(self.device), paste_masks=self.device.type != "cpu")
         results = []
         for output, scale, (height, width) in zip(outputs, scales, sizes, strict=True):
             keep = output["scores"] >= score_threshold

@@ -117,7 +117,9 @@ class OnnxMaskRCNN(nn.Module):
         self.config = ModelConfig.from_dict(json.loads(meta[CONFIG_KEY]))
         self.categories = json.loads(meta[CATEGORIES_KEY]) if CATEGORIES_KEY in meta else None
 
-    def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
+    def forward(self, images: Tensor, *, paste_masks: bool = True) -> list[dict[str, Tensor]]:
+        """The graph's detections; its masks are on the canvas whatever ``paste_masks`` asks
+        (the graph pastes them), which ``to_original`` takes as well."""
         if images.dtype != torch.uint8:
             images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
         outputs = []

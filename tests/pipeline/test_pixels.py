@@ -150,9 +150,9 @@ class _Recorder(nn.Module):
         self.config = model.config
         self.seen: torch.Tensor | None = None
 
-    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, **options) -> list[dict[str, torch.Tensor]]:
         self.seen = images.clone()
-        return self.model(images)
+        return self.model(images, **options)
 
 
 @pytest.mark.parametrize("image_format", ["jpeg", "png"])
