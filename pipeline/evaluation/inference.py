@@ -129,12 +129,11 @@ def predict_here(
 ) -> tuple[Images, Results]:
     """Inference on this machine, one batch at a time: on the GPU in this process, on CPUs in
     ``processes`` forked ones ("auto": one per core, ``local_processes``)."""
-    cores = len(os.sched_getaffinity(0))
     predictor = ShardPredictor(
         model=model_bytes,
         categories=manifest["categories"],
         score_threshold=score_threshold,
-        threads=cores,
+        threads=len(os.sched_getaffinity(0)),
         amp=amp,
     )
     count = local_processes(processes, predictor.detector.device)

@@ -23,6 +23,7 @@ from maskrcnn.mask_crops import fit_crop
 __all__ = [
     "INSTANCE_KEYS",
     "crop_targets",
+    "decode_crop",
     "mask_crop_size",
     "pack_batch",
     "prefetch_batches",
@@ -42,6 +43,18 @@ def mask_crop_size(config: ModelConfig) -> int:
     return 4 * config.roi.mask_pool_size
 
 
+def decode_crop(crop: bytes | np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """A stored mask crop's pixels at its canvas rectangle (x1, y1, x2, y2): RLE decoded at
+    the rectangle's size, pixels already decoded as they are, and no pixels for an empty
+    rectangle (an instance that vanished at this size). Not validated: preprocess wrote it."""
+    x1, y1, x2, y2 = (int(v) for v in rect)
+    if x2 <= x1:
+        return np.zeros((0, 0), np.uint8)
+    if isinstance(crop, np.ndarray):
+        return crop
+    return mask_utils.decode({"size": [y2 - y1, x2 - x1], "counts": crop})
+
+
 def crop_targets(
     crops: list[bytes | np.ndarray], rects: np.ndarray, width: int, size: int, *, flip: bool
 ) -> dict[str, Tensor]:
@@ -49,12 +62,7 @@ def crop_targets(
     pixels already decoded) at their canvas rectangles, mirrored about ``width`` when flipped."""
     fitted, boxes = [], []
     for crop, (x1, y1, x2, y2) in zip(crops, rects, strict=True):
-        if x2 <= x1:
-            pixels = np.zeros((0, 0), np.uint8)  # the instance vanished at this size
-        elif isinstance(crop, np.ndarray):
-            pixels = crop
-        else:
-            pixels = mask_utils.decode({"size": [int(y2 - y1), int(x2 - x1)], "counts": crop})
+        pixels = decode_crop(crop, (x1, y1, x2, y2))
         if flip:
             pixels, (x1, x2) = pixels[:, ::-1], (width - x2, width - x1)
         pixels = torch.from_numpy(np.ascontiguousarray(pixels))

@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 import torch
-from pycocotools import mask as mask_utils
 from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import Tensor
 from torchvision.transforms.v2.functional import resize
@@ -35,7 +34,7 @@ from maskrcnn.rpn_targets import RPNTargets, sample_rpn_targets
 from pipeline.io import storage
 from pipeline.io.images import decode_chw, resized_size
 from pipeline.shards.schema import TARGET_COLUMNS, check_compatible, shard_files
-from pipeline.training.batch import crop_targets, mask_crop_size, pack_batch
+from pipeline.training.batch import crop_targets, decode_crop, mask_crop_size, pack_batch
 from pipeline.training.scales import draw_scale, rescale_instances
 
 __all__ = [
@@ -164,10 +163,7 @@ def _canvas_masks(
     for mask, crop, (x1, y1, x2, y2) in zip(out, crops, rects, strict=True):
         if x2 <= x1:
             continue  # the instance vanished at this size
-        if isinstance(crop, np.ndarray):
-            pixels = crop
-        else:
-            pixels = mask_utils.decode({"size": [int(y2 - y1), int(x2 - x1)], "counts": crop})
+        pixels = decode_crop(crop, (x1, y1, x2, y2))
         if flip:
             mask[y1:y2, width - x2 : width - x1] = pixels[:, ::-1]
         else:

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 
 from pipeline.io.images import resized_size
+from pipeline.training.batch import decode_crop
 
 __all__ = ["draw_scale", "rescale_instances"]
 
@@ -52,18 +52,11 @@ def rescale_instances(
     With ``canvas_masks`` each crop is resampled to its new rectangle (to be pasted as is);
     otherwise the crops keep their stored pixels, which ``fit_crop`` resamples once, to M x M.
     """
-    pixels = [_decode(crop, rect) for crop, rect in zip(crops, rects, strict=True)]
+    pixels = [decode_crop(crop, rect) for crop, rect in zip(crops, rects, strict=True)]
     scaled = _scaled_rects(rects, stored, size)
     if canvas_masks:
         pixels = [_nearest(p, r) for p, r in zip(pixels, scaled, strict=True)]
     return pixels, scaled, _scaled_boxes(boxes, stored, size)
-
-
-def _decode(crop: bytes, rect: np.ndarray) -> np.ndarray:
-    x1, y1, x2, y2 = (int(v) for v in rect)
-    if x2 <= x1:
-        return np.zeros((0, 0), np.uint8)  # the instance has no pixels at the stored size
-    return mask_utils.decode({"size": [y2 - y1, x2 - x1], "counts": crop})
 
 
 def _scaled_boxes(boxes: np.ndarray, stored: Size, size: Size) -> np.ndarray:
