@@ -7,7 +7,9 @@ tests/maskrcnn runs on machines without it (bench/gpu_check.sh).
 
 Under pytest-xdist (``make test`` runs two processes) each process gets its own Ray temp dir:
 ``ray.init()`` joins the cluster named in ``<temp dir>/ray/ray_current_cluster``, which would
-otherwise be the other process's.
+otherwise be the other process's. And their OpenMP threads sleep when idle instead of spinning
+(``OMP_WAIT_POLICY=PASSIVE``, inherited by Ray's and DVC's processes): two processes that each
+spin-wait on both cores slow each other down 2-3x, more than passive waiting costs one alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import pytest
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -119,7 +119,7 @@ def train(
         train_manifest=train_manifest,
     )
     _check_shards(plan, train_scales=train_scales)
-    _warn_about_slow_settings(plan.settings)
+    _warn_about_slow_settings(plan.settings, cpu_has_bf16=cpu_has_bf16())
     check_server(plan.tracking_uri)  # before Ray starts: an unreachable server fails at once
     ensure_ray(ray_address, verbose=verbose)
     check_uri_for_cluster(plan.tracking_uri, node_count=cluster_node_count())
@@ -222,12 +222,19 @@ def _check_shards(plan: RunPlan, *, train_scales: Sequence[float] | None) -> Non
         )
 
 
-def _warn_about_slow_settings(settings: TrainSettings) -> None:
-    if settings.amp == "bf16" and not settings.use_gpu:
+def _warn_about_slow_settings(settings: TrainSettings, *, cpu_has_bf16: bool) -> None:
+    """bf16 autocast on a CPU without bf16 instructions (AVX512-BF16 or AMX, as this driver's
+    CPU is judged) emulates them: many times slower than fp32, not faster."""
+    if settings.amp == "bf16" and not settings.use_gpu and not cpu_has_bf16:
         log.warning(
-            "amp: bf16 on CPU was ~20x slower than fp32 on a CPU without bf16 instructions "
-            "(docs/benchmarks.md, Training): measure it on yours before keeping it"
+            "amp: bf16 on CPU was ~20x slower than fp32 on a CPU without bf16 instructions, "
+            "as this one is (docs/benchmarks.md, Training): measure it before keeping it"
         )
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this machine's CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def _start_run(plan: RunPlan) -> RunRef:

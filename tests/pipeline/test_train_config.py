@@ -1,8 +1,12 @@
-"""TrainSettings: learning-rate scaling, params round trip, and clear errors on bad values."""
+"""TrainSettings: learning-rate scaling, params round trip, clear errors on bad values, and the
+warning about settings that are slow on this machine."""
+
+import logging
 
 import pytest
 
 from pipeline.config.settings import TrainSettings
+from pipeline.training.trainer import _warn_about_slow_settings
 
 
 def test_lr_scales_linearly_with_the_global_batch():
@@ -53,3 +57,15 @@ def test_bad_values_are_refused_with_the_field_name(kwargs, message):
 
 def test_fp16_is_accepted_on_gpu():
     assert TrainSettings(amp="fp16", use_gpu=True).amp == "fp16"
+
+
+@pytest.mark.parametrize(
+    ("amp", "cpu_has_bf16", "warned"),
+    [("bf16", False, True), ("bf16", True, False), ("none", False, False)],
+)
+def test_bf16_on_cpu_is_warned_about_only_without_bf16_instructions(
+    caplog, amp, cpu_has_bf16, warned
+):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.trainer"):
+        _warn_about_slow_settings(TrainSettings(amp=amp), cpu_has_bf16=cpu_has_bf16)
+    assert ("without bf16 instructions" in caplog.text) is warned
