@@ -21,15 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from common import load_average
-from model_step import synthetic_batch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from maskrcnn import MaskRCNN  # noqa: E402
-from pipeline.config.params import load_params, model_config  # noqa: E402
+from omp_threads import ROOT, train_steps, training_setup
 
 POLICIES = {"default": None, "passive": "PASSIVE"}
 
@@ -47,19 +40,12 @@ def parse_args() -> argparse.Namespace:
 
 def child(args: argparse.Namespace) -> None:
     """Build the model, signal ready on stdout, wait for the go line, time the steps."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = model_config(load_params(args.params), num_classes=6)
-    model = MaskRCNN(config).to(memory_format=torch.channels_last).train()
-    images, targets = synthetic_batch(config, args.batch, instances=6)
-    for _ in range(2):
-        sum(model(images, targets).values()).backward()
+    model, images, targets = training_setup(args.params, threads=args.threads, batch=args.batch)
+    train_steps(model, images, targets, 2)
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        sum(model(images, targets).values()).backward()
-        model.zero_grad(set_to_none=True)
+    train_steps(model, images, targets, args.steps)
     print(json.dumps({"ms_per_step": round((time.perf_counter() - start) / args.steps * 1e3, 1)}))
 
 

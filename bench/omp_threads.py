@@ -53,20 +53,31 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+def training_setup(params: Path, *, threads: int, batch: int) -> tuple[MaskRCNN, list, list]:
+    """params.yaml's model (channels_last, training mode) and a synthetic batch, at ``threads``
+    torch threads: what each step of these OpenMP probes runs."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = model_config(load_params(args.params), num_classes=6)
+    config = model_config(load_params(params), num_classes=6)
     model = MaskRCNN(config).to(memory_format=torch.channels_last).train()
-    images, targets = synthetic_batch(config, args.batch, instances=6)
+    return model, *synthetic_batch(config, batch, instances=6)
+
+
+def train_steps(model: MaskRCNN, images: list, targets: list, steps: int) -> None:
+    """``steps`` forward + backward passes (no optimizer: the probes time torch's operators)."""
+    for _ in range(steps):
+        sum(model(images, targets).values()).backward()
+        model.zero_grad(set_to_none=True)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    model, images, targets = training_setup(args.params, threads=args.threads, batch=args.batch)
 
     def steps(out: list) -> None:
         torch.set_num_threads(args.threads)
         for warm in (True, False):
             start, cpu = time.perf_counter(), cpu_seconds()
-            for _ in range(2 if warm else args.steps):
-                sum(model(images, targets).values()).backward()
-                model.zero_grad(set_to_none=True)
+            train_steps(model, images, targets, 2 if warm else args.steps)
             wall = time.perf_counter() - start
         out.append({"ms_per_step": round(wall / args.steps * 1000, 1),
                     "cpu_percent": round((cpu_seconds() - cpu) / wall * 100)})  # fmt: skip
