@@ -10,6 +10,11 @@ Under pytest-xdist (``make test`` runs two processes) each process gets its own 
 otherwise be the other process's. And their OpenMP threads sleep when idle instead of spinning
 (``OMP_WAIT_POLICY=PASSIVE``, inherited by Ray's and DVC's processes): two processes that each
 spin-wait on both cores slow each other down 2-3x, more than passive waiting costs one alone.
+
+Ray Train's controller polls its workers every 2 s by default, so each of the suite's few-step
+runs waited up to 2 s at every state change (workers up, training done, a worker died). Tests
+poll every 0.5 s (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, read by the controller, which Ray's
+processes started from here inherit).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 import sys
 
 import pytest
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"

@@ -212,13 +212,16 @@ class EvaluateSettings(Section):
 @dataclass(frozen=True, kw_only=True)
 class RegisterSettings(Section):
     """Registration and the champion gate (``register:``), for ``register``.
-    ``tracking_uri`` None: the training run's store (run.json)."""
+    ``tracking_uri`` None: the training run's store (run.json). ``onnx``: also store the
+    model's ONNX file with the version (when the extra is installed); its export is most of
+    the stage's time on CPU."""
 
     SECTION: ClassVar[str] = "register"
 
     model_name: str
     min_segm_ap: float
     tracking_uri: str | None = None
+    onnx: bool = True
 
     def __post_init__(self) -> None:
         self._require(bool(self.model_name), "model_name must be a non-empty name")

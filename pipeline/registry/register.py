@@ -68,12 +68,14 @@ def register(
     out_path: str | os.PathLike,
     tracking_uri: str | None = None,
     categories: list[dict[str, Any]] | None = None,
+    onnx: bool = True,
 ) -> dict[str, Any]:
     """Log the model as a pyfunc to the training run, register a version, set the aliases.
 
     ``eval_metrics``: evaluate's metrics (dict or metrics.json path); ``run_info``: run.json
     (dict or path) with ``run_id`` and ``tracking_uri``; ``tracking_uri`` overrides the latter.
     ``categories`` ([{id, name, label}]) default to those stored in the model file.
+    ``onnx``: store the ONNX export with the version too (needs the optional extra).
     Returns (and writes to ``out_path``) the decision.
     """
     metrics = _read_json(eval_metrics, "eval metrics")
@@ -93,7 +95,10 @@ def register(
     # Inside: the registry resolves the logged model's location through the fluent URI too.
     with use_tracking_uri(uri):
         logged = _log_pyfunc(
-            model_path, run_id=run["run_id"], categories=categories or stored_categories or []
+            model_path,
+            run_id=run["run_id"],
+            categories=categories or stored_categories or [],
+            onnx=onnx,
         )
         if _registered(client, model_name) is None:
             client.create_registered_model(model_name)
@@ -237,14 +242,14 @@ def _segm_ap(client: MlflowClient, version: ModelVersion) -> float | None:
 
 
 def _log_pyfunc(
-    model_path: str | os.PathLike, *, run_id: str, categories: list
+    model_path: str | os.PathLike, *, run_id: str, categories: list, onnx: bool
 ) -> mlflow.models.model.ModelInfo:
     """Log the pyfunc into run ``run_id`` (as an MLflow 3 logged model linked to the run)."""
     with tempfile.TemporaryDirectory() as tmp:
         categories_path = Path(tmp) / "categories.json"
         categories_path.write_text(json.dumps(categories, indent=1))
         artifacts = {"model": str(model_path), "categories": str(categories_path)}
-        onnx_path = _export_onnx(model_path, Path(tmp) / "model.onnx")
+        onnx_path = _export_onnx(model_path, Path(tmp) / "model.onnx") if onnx else None
         if onnx_path:
             artifacts[ONNX_ARTIFACT] = str(onnx_path)
         with mlflow.start_run(run_id=run_id):

@@ -41,7 +41,7 @@ TINY = {
     "train": {"num_workers": 1, "batch_per_worker": 2, "steps": STEPS, "warmup_steps": 1,
               "base_lr": 0.008, "checkpoint_every": 80, "log_every": 20, "run_name": "e2e"},
     "evaluate": {"num_overlays": 1},
-    "register": {"model_name": "e2e-model", "min_segm_ap": 0.0},
+    "register": {"model_name": "e2e-model", "min_segm_ap": 0.0, "onnx": False},
 }  # fmt: skip
 
 

@@ -182,6 +182,7 @@ def registered(mlflow_server, tmp_path_factory) -> Registered:
         model_name=MODEL_NAME,
         min_segm_ap=0.5,
         out_path=tmp / "reg.json",
+        onnx=False,
     )
     assert decision["champion"] and decision["version"] == 1
     return Registered(base=mlflow_server, run=run, inputs=inputs, losses=losses)

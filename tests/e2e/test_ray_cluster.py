@@ -56,7 +56,7 @@ TINY = {
               "batch_per_worker": 2, "steps": STEPS, "warmup_steps": 1, "checkpoint_every": 2,
               "log_every": LOG_EVERY, "run_name": RUN_NAME, "eval_every": 0, "select": "last"},
     "evaluate": {"num_overlays": 1},
-    "register": {"model_name": MODEL_NAME, "min_segm_ap": 0.0},
+    "register": {"model_name": MODEL_NAME, "min_segm_ap": 0.0, "onnx": False},
 }  # fmt: skip
 
 

@@ -134,6 +134,7 @@ def registered(sandbox: Path) -> dict:
         min_segm_ap=0.1,
         out_path=sandbox / "decision.json",
         categories=CATEGORIES,
+        onnx=False,  # served by the pyfunc's PyTorch model
     )
     assert decision["champion"]
     return {"uri": uri, "model_path": model_path}

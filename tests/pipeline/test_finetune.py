@@ -135,6 +135,7 @@ def _register(root: Path, uri: str, model_path: Path, run_id: str, segm_ap: floa
         model_name=NAME,
         min_segm_ap=0.1,
         out_path=root / f"decision-{run_id}.json",
+        onnx=False,
     )
 
 

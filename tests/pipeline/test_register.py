@@ -75,9 +75,17 @@ def _register(store, name: str, segm_ap: float, *, floor: float = 0.3) -> dict:
         min_segm_ap=floor,
         out_path=out,
         categories=CATEGORIES,
+        onnx=False,  # the export is checked once, below; it is most of a registration's time
     )
     assert json.loads(out.read_text()) == decision
     return decision
+
+
+def _pyfunc_artifacts(store, decision: dict) -> tuple[Path, dict]:
+    """The registered version's files (downloaded) and its pyfunc's artifacts table."""
+    with use_tracking_uri(store["uri"]):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=decision["model_uri"]))
+    return local, Model.load(local / "MLmodel").flavors["python_function"]["artifacts"]
 
 
 def _aliases(store, name: str) -> dict[str, int]:
@@ -111,6 +119,8 @@ def test_a_model_below_the_floor_never_becomes_champion(store):
     low = _register(store, name, 0.20, floor=0.25)
     assert not low["champion"] and "below the floor" in low["reason"]
     assert _aliases(store, name) == {"challenger": 1}
+    _, artifacts = _pyfunc_artifacts(store, low)
+    assert "onnx" not in artifacts and "model" in artifacts  # register(onnx=False)
 
 
 def test_decide_rules():
@@ -187,9 +197,7 @@ def test_register_takes_the_categories_from_the_model_file(store):
         min_segm_ap=0.0,
         out_path=store["root"] / "named-decision.json",
     )
-    with use_tracking_uri(store["uri"]):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=decision["model_uri"]))
-    artifacts = Model.load(local / "MLmodel").flavors["python_function"]["artifacts"]
+    local, artifacts = _pyfunc_artifacts(store, decision)
     assert json.loads((local / artifacts["categories"]["path"]).read_text()) == stored
     assert artifacts["onnx"]["path"] == "artifacts/model.onnx"
     assert (local / "artifacts" / "model.onnx").stat().st_size > 0
