@@ -211,10 +211,8 @@ class EvaluateSettings(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class RegisterSettings(Section):
-    """Registration and the champion gate (``register:``), for ``register``.
-    ``tracking_uri`` None: the training run's store (run.json). ``onnx``: also store the
-    model's ONNX file with the version (when the extra is installed); its export is most of
-    the stage's time on CPU."""
+    """Registration and the champion gate (``register:``), for ``register``. ``tracking_uri``
+    None: the training run's store (run.json); ``onnx``: store model.onnx with the version."""
 
     SECTION: ClassVar[str] = "register"
 
