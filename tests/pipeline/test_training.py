@@ -211,6 +211,7 @@ def test_ddp_across_two_nodes_with_synchronised_batchnorm_keeps_replicas_identic
     both replicas hold the same trained weights. (One run for both points: each run's cost is
     mostly Ray starting its workers.)"""
     _, shards, config = project
+    synced = replace(config, norm="syncbn")
     plan = plan_run(
         settings=settings(
             num_workers=2,
@@ -221,7 +222,7 @@ def test_ddp_across_two_nodes_with_synchronised_batchnorm_keeps_replicas_identic
             storage_path=str(tmp_path),
             run_name="ddp",
         ),
-        model_config=replace(config, norm="syncbn"),
+        model_config=synced,
         shards_dir=shards,
         tracking=TrackingSettings(),
         project_root=tmp_path,
@@ -234,7 +235,7 @@ def test_ddp_across_two_nodes_with_synchronised_batchnorm_keeps_replicas_identic
     assert len({r["node_id"] for r in replicas}) == 2  # one worker on each node
     assert len({r["state_sha256"] for r in replicas}) == 1  # bitwise identical weights
     seed_everything(0)  # the workers' initial weights
-    assert replicas[0]["state_sha256"] != state_digest(MaskRCNN(replace(config, norm="syncbn")))
+    assert replicas[0]["state_sha256"] != state_digest(MaskRCNN(synced))  # and trained
 
 
 def test_local_tracking_uri_is_refused_on_a_multi_node_cluster(two_nodes, tmp_path):
